@@ -1,0 +1,33 @@
+# galpipe: two commands.  `make run` runs the pipeline on the default (offline,
+# simulated) config; `make test` runs the test suite.  Both create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint report clean-results
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report results/report.html
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check galpipe tests benchmarks workflow/scripts
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+
+clean-results:
+	rm -rf results logs .snakemake
