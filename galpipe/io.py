@@ -214,19 +214,24 @@ def write_cutout(
     primary = fits.PrimaryHDU()
     hdr = primary.header
     hdr["OBJID"] = (int(objid), "object identifier")
-    hdr["RA"] = (float(ra), "[deg] right ascension of the centre")
-    hdr["DEC"] = (float(dec), "[deg] declination of the centre")
+    has_sky = bool(np.isfinite(ra) and np.isfinite(dec))
+    if has_sky:  # images without coordinates carry no RA/DEC and no WCS
+        hdr["RA"] = (float(ra), "[deg] right ascension of the centre")
+        hdr["DEC"] = (float(dec), "[deg] declination of the centre")
     hdr["BANDS"] = (",".join(bands), "band names, one image HDU each")
     hdr["NBANDS"] = (len(bands), "number of bands")
     hdr["BUNIT"] = (bunit, "pixel unit")
     hdr["SOURCE"] = (source, "galpipe source that produced the cutout")
-    hdr["PIXSCALE"] = (float(pixel_scale), "[arcsec/pixel]")
+    hdr["PIXSCALE"] = (float(pixel_scale) if np.isfinite(pixel_scale) else 0.0,
+                       "[arcsec/pixel], 0 if unknown")
     hdr["NFILLED"] = (int(n_filled), "pixels filled with NaN (off the frame)")
     for key, value in (extra or {}).items():
         hdr[key] = value
     hdus: list[fits.hdu.base.ExtensionHDU | fits.PrimaryHDU] = [primary]
     for k, band in enumerate(bands):
-        if wcs is None:
+        if wcs is None and not has_sky:
+            band_wcs = WCS(naxis=2)
+        elif wcs is None:
             band_wcs = tan_wcs(ra, dec, arr.shape[1:], pixel_scale)
         elif isinstance(wcs, WCS):
             band_wcs = wcs

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, runtime_checkable
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -113,11 +116,207 @@ class Layer:
 
     def sublayers(self) -> list[Layer]:
         """Child layers (containers override this)."""
+        return [layer for _, layer in self.named_children()]
+
+    def named_children(self) -> list[tuple[str, Layer]]:
+        """``(prefix, child)`` pairs of a container, used for flat parameter names.
+
+        A child's parameter ``W`` is exposed by the container as ``f"{prefix}.W"``.
+        Plain layers have no children.
+        """
         return []
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        """Reseed the layer's random stream(s) (dropout); containers recurse in order."""
+        for _, child in self.named_children():
+            child.set_rng(np.random.default_rng(rng.integers(0, 2**63 - 1)))
+
+    #: Set to ``False`` by a container when nobody needs the gradient w.r.t. this
+    #: layer's input (the first layer of a model): layers that can, then skip
+    #: computing it and ``backward`` returns ``None``.
+    input_grad_needed: bool = True
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "type")
         return f"{type(self).__name__}({args})"
+
+
+# --------------------------------------------------------------------------- threads
+#
+# NumPy releases the GIL in copies, ufuncs and matmul, so the non-GEMM work of a
+# layer (im2col, col2im, pooling, activations) can be split over the batch and run
+# on several cores by plain Python threads.  Heavy layers split a batch into
+# ``get_num_workers()`` contiguous chunks; while chunks run in parallel, BLAS is
+# limited to one thread (each chunk runs its own single-threaded GEMM) and restored
+# afterwards.  By default the number of workers follows the BLAS thread count, so
+# ``threadpoolctl.threadpool_limits(1)`` makes everything single-threaded.
+#
+# Results are deterministic for a fixed number of workers; with different worker
+# counts, parameter gradients summed over chunks may differ in the last bits.
+
+_T = TypeVar("_T")
+_WORKERS_OVERRIDE: int | None = None
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_SIZE = 0
+_BLAS_CONTROLLERS: list[Any] | None = None
+_LOCAL = threading.local()
+_LOCK = threading.Lock()
+
+
+def set_num_workers(n: int | None) -> None:
+    """Fix the number of batch chunks processed in parallel (``None``: follow BLAS).
+
+    Raises
+    ------
+    ModelError
+        If ``n`` is not ``None`` or a positive integer.
+    """
+    global _WORKERS_OVERRIDE
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ModelError(f"set_num_workers: expected a positive integer or None, got {n!r}")
+    _WORKERS_OVERRIDE = n
+
+
+def _blas_controllers() -> list[Any]:
+    global _BLAS_CONTROLLERS
+    if _BLAS_CONTROLLERS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            ctl = ThreadpoolController().select(user_api="blas")
+            _BLAS_CONTROLLERS = list(ctl.lib_controllers)
+        except Exception:  # pragma: no cover - threadpoolctl missing or broken
+            _BLAS_CONTROLLERS = []
+    return _BLAS_CONTROLLERS
+
+
+def blas_num_threads() -> int:
+    """Current number of BLAS threads (1 when it cannot be determined)."""
+    ctls = _blas_controllers()
+    if not ctls:
+        return 1
+    try:
+        return max(1, min(int(c.get_num_threads() or 1) for c in ctls))
+    except Exception:  # pragma: no cover
+        return 1
+
+
+def get_num_workers() -> int:
+    """Number of batch chunks heavy layers process in parallel."""
+    if _WORKERS_OVERRIDE is not None:
+        return _WORKERS_OVERRIDE
+    return max(1, min(blas_num_threads(), os.cpu_count() or 1))
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _EXECUTOR, _EXECUTOR_SIZE
+    with _LOCK:
+        if _EXECUTOR is None or _EXECUTOR_SIZE < n:
+            if _EXECUTOR is not None:
+                _EXECUTOR.shutdown(wait=True)
+            _EXECUTOR = ThreadPoolExecutor(max_workers=n, thread_name_prefix="galpipe-nn")
+            _EXECUTOR_SIZE = n
+        return _EXECUTOR
+
+
+def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into ``parts`` contiguous, nearly equal ``(lo, hi)`` ranges."""
+    parts = max(1, min(parts, n))
+    edges = [round(k * n / parts) for k in range(parts + 1)]
+    return [(edges[k], edges[k + 1]) for k in range(parts)]
+
+
+def parallel_chunks(
+    fn: Callable[[int, int], _T], n: int, *, min_chunk: int = 1, workers: int | None = None
+) -> list[_T]:
+    """Run ``fn(lo, hi)`` over contiguous chunks of ``range(n)`` on worker threads.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(lo, hi)`` processes batch items ``lo:hi``; it must only write to
+        disjoint parts of shared arrays.  NumPy releases the GIL, so chunks run
+        truly in parallel.
+    n : int
+        Number of batch items.
+    min_chunk : int
+        Do not make chunks smaller than this (small batches run inline).
+    workers : int, optional
+        Override :func:`get_num_workers`.
+
+    Returns
+    -------
+    list
+        ``fn``'s results in chunk order.  While chunks run, BLAS is limited to
+        one thread (restored afterwards); nested calls run inline.
+    """
+    w = get_num_workers() if workers is None else workers
+    w = min(w, n // max(min_chunk, 1))
+    if w <= 1 or getattr(_LOCAL, "inside", False):
+        return [fn(0, n)]
+    bounds = chunk_bounds(n, w)
+    ctls = _blas_controllers()
+    previous = [c.get_num_threads() for c in ctls]
+    for c in ctls:
+        c.set_num_threads(1)
+    try:
+        ex = _executor(w - 1)
+        futures = [ex.submit(_run_inside, fn, lo, hi) for lo, hi in bounds[1:]]
+        try:
+            first = _run_inside(fn, *bounds[0])
+        finally:
+            wait(futures)
+        return [first, *(f.result() for f in futures)]
+    finally:
+        for c, p in zip(ctls, previous, strict=True):
+            c.set_num_threads(p)
+
+
+def _run_inside(fn: Callable[[int, int], _T], lo: int, hi: int) -> _T:
+    was = getattr(_LOCAL, "inside", False)
+    _LOCAL.inside = True
+    try:
+        return fn(lo, hi)
+    finally:
+        _LOCAL.inside = was
+
+
+def sum_arrays(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum a sequence of same-shaped arrays in a fixed order (deterministic)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+class BufferCache:
+    """A tiny per-layer cache of scratch arrays keyed by ``(tag, shape, dtype)``.
+
+    Scratch buffers (im2col matrices, padded inputs) are reused across calls with
+    the same batch shape instead of being reallocated.  Buffers created with
+    ``zero=True`` start zeroed; callers that rely on untouched regions staying
+    zero (padding borders) must always write the same region.  Returned arrays
+    are scratch only: never hand one out as a layer output.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._store: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def get(
+        self, tag: str, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool = False
+    ) -> np.ndarray:
+        key = (tag, tuple(shape), np.dtype(dtype).str, zero)
+        buf = self._store.pop(key, None)
+        if buf is None:
+            buf = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+            if len(self._store) >= self.max_entries:
+                self._store.pop(next(iter(self._store)))
+        self._store[key] = buf  # most recently used last
+        return buf
+
+    def clear(self) -> None:
+        self._store.clear()
 
 
 #: Registry: layer type name (as written in YAML) -> class.

@@ -1,0 +1,231 @@
+"""The ``galpipe`` command line: every pipeline stage, plus tools around trained models.
+
+The Snakemake workflow calls the same functions (through ``workflow/scripts``);
+the CLI is for running a stage by hand, inspecting a config or a model, and
+scoring or applying a trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from galpipe import __version__
+from galpipe.errors import GalpipeError
+
+REPO_PRESETS = Path(__file__).resolve().parents[1] / "config" / "architectures"
+
+
+def _load(args: argparse.Namespace) -> dict:
+    from galpipe.config import load_config
+
+    return load_config(args.config)
+
+
+def _presets(args: argparse.Namespace) -> list[Path]:
+    return [Path(args.config).resolve().parent / "architectures", REPO_PRESETS]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from galpipe.config import resolve_experiments
+    from galpipe.experiment import check_architectures
+
+    cfg = _load(args)
+    exps = resolve_experiments(cfg, _presets(args))
+    check_architectures(cfg, exps)  # shapes must fit together before any training starts
+    print(f"{args.config}: valid ({len(exps)} experiment(s): {', '.join(exps)})")
+    return 0
+
+
+def cmd_catalogue(args: argparse.Namespace) -> int:
+    from galpipe.stages import catalogue_stage, stage_config
+
+    cfg = _load(args)
+    shard_dir = Path(args.shard_dir)
+    shards = [shard_dir / f"{i:04d}.parquet" for i in range(cfg["shards"])]
+    n = catalogue_stage(stage_config(cfg, "catalogue"), args.output, shards)
+    print(f"{n} galaxies -> {args.output} ({len(shards)} shards in {shard_dir})")
+    return 0
+
+
+def cmd_cutouts(args: argparse.Namespace) -> int:
+    from galpipe.stages import cutout_cache_dir, cutouts_stage, stage_config
+
+    cfg = _load(args)
+    m = cutouts_stage(stage_config(cfg, "cutouts"), args.shard, args.output, cutout_cache_dir(cfg), progress=True)
+    print(f"{int((m['status'] == 'ok').sum())} cutouts ok, {int((m['status'] != 'ok').sum())} failed -> {args.output}")
+    return 0
+
+
+def cmd_normalise(args: argparse.Namespace) -> int:
+    from galpipe.stages import normalise_stage, stage_config
+
+    cfg = _load(args)
+    stats = normalise_stage(stage_config(cfg, "normalise"), args.manifest, args.shard, args.output, args.rejects)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from galpipe.stages import split_stage, stage_config
+
+    cfg = _load(args)
+    out = Path(args.output_dir)
+    outputs = {s: out / f"{s}.parquet" for s in ("train", "validation", "test")}
+    summary = split_stage(stage_config(cfg, "split"), args.inputs, outputs, out / "summary.json")
+    print(json.dumps(summary["counts"]))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from galpipe.config import resolve_experiments
+    from galpipe.experiment import train_experiment
+
+    cfg = _load(args)
+    exps = resolve_experiments(cfg, _presets(args))
+    if args.experiment not in exps:
+        raise GalpipeError(f"experiment {args.experiment!r} not in the config; choose from {sorted(exps)}")
+    exp = {**exps[args.experiment], "seed": cfg["seed"]}
+    info = train_experiment(exp, args.train, args.validation, Path(args.output_dir) / "model.json",
+                            name=args.experiment)
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from galpipe.experiment import evaluate_experiment
+    from galpipe.predict import evaluate_external
+
+    params = {"evaluate": {"tta": not args.no_tta, "mc_dropout": args.mc_dropout,
+                           "n_bootstrap": args.n_bootstrap, "gallery_size": 8}, "seed": args.seed}
+    out = Path(args.output_dir)
+    model_json = Path(args.model) / "model.json"
+    if args.test:
+        res = evaluate_experiment(params, model_json, args.test, out / "metrics.json",
+                                  out / "predictions.parquet", out / "figures")
+    elif args.images and args.labels:
+        res = evaluate_external(params, args.model, args.images, args.labels, out, id_column=args.id_column,
+                                label_column=args.label_column, path_column=args.path_column,
+                                label_map=_parse_map(args.label_map), crop_fraction=args.crop_fraction)
+    else:
+        raise GalpipeError("evaluate needs --test SPLIT.parquet, or --images DIR and --labels CSV")
+    h = res["headline"]
+    print(json.dumps({k: v["value"] if v else None for k, v in h.items()}))
+    return 0
+
+
+def _parse_map(items: Sequence[str] | None) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise GalpipeError(f"--label-map {item!r}: expected RAW=CLASS (or RAW= to drop)")
+        raw, cls = item.split("=", 1)
+        out[raw] = cls or None
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from galpipe.predict import predict_input
+
+    df = predict_input(args.model, args.input, args.output, tta=args.tta, mc_dropout=args.mc_dropout,
+                       config=args.config, crop_fraction=args.crop_fraction, seed=args.seed)
+    print(f"{len(df)} predictions -> {args.output}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from galpipe.nn.persist import load_model
+    from galpipe.nn.summary import summary
+
+    model, _ = load_model(args.model)
+    print(summary(model))
+    return 0
+
+
+def cmd_fake_skyserver(argv: list[str]) -> int:
+    from galpipe.sources.fakeserver import main as fake_main
+
+    return int(fake_main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="galpipe", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"galpipe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_: str, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        if config:
+            sp.add_argument("--config", default="config/config.yaml", help="config YAML (default: %(default)s)")
+        return sp
+
+    add("validate-config", cmd_validate, "validate a config file and every experiment's architecture")
+    sp = add("catalogue", cmd_catalogue, "build the catalogue of the configured source and its shards")
+    sp.add_argument("--output", default="results/catalogue/catalogue.parquet")
+    sp.add_argument("--shard-dir", default="results/catalogue/shards")
+    sp = add("cutouts", cmd_cutouts, "make/fetch the FITS cutouts of one catalogue shard")
+    sp.add_argument("--shard", required=True)
+    sp.add_argument("--output", required=True, help="manifest Parquet")
+    sp = add("normalise", cmd_normalise, "normalise the cutouts of one shard to float32 arrays")
+    for a in ("--manifest", "--shard", "--output", "--rejects"):
+        sp.add_argument(a, required=True)
+    sp = add("split", cmd_split, "split normalised shards into train/validation/test Parquet")
+    sp.add_argument("--output-dir", default="results/split")
+    sp.add_argument("inputs", nargs="+")
+    sp = add("train", cmd_train, "train one experiment of the config")
+    sp.add_argument("--experiment", required=True)
+    sp.add_argument("--train", default="results/split/train.parquet")
+    sp.add_argument("--validation", default="results/split/validation.parquet")
+    sp.add_argument("--output-dir", required=True)
+    sp = add("evaluate", cmd_evaluate, "score a trained model on a test split or an external labelled image set",
+             config=False)
+    sp.add_argument("--model", required=True, help="model directory (model.json + weights.npz)")
+    sp.add_argument("--test", help="a split Parquet file")
+    sp.add_argument("--images", help="folder of images (JPEG/PNG/FITS)")
+    sp.add_argument("--labels", help="labels CSV for --images")
+    sp.add_argument("--id-column", default="objid")
+    sp.add_argument("--label-column", default="label")
+    sp.add_argument("--path-column", default="image")
+    sp.add_argument("--label-map", nargs="*", metavar="RAW=CLASS")
+    sp.add_argument("--crop-fraction", type=float, default=None)
+    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--no-tta", action="store_true")
+    sp.add_argument("--mc-dropout", type=int, default=0)
+    sp.add_argument("--n-bootstrap", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp = add("predict", cmd_predict, "classify a FITS/JPEG file, a folder of them, or a catalogue", config=False)
+    sp.add_argument("--model", required=True)
+    sp.add_argument("input")
+    sp.add_argument("--output", default="predictions.csv", help=".csv or .parquet")
+    sp.add_argument("--tta", action="store_true")
+    sp.add_argument("--mc-dropout", type=int, default=0)
+    sp.add_argument("--config", default=None, help="config whose source fetches cutouts for a catalogue input")
+    sp.add_argument("--crop-fraction", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs", config=False)
+    sp.add_argument("--model", required=True)
+    sub.add_parser("fake-skyserver", help="run the offline stand-in SkyServer/SAS on 127.0.0.1", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fake-skyserver"]:
+        return cmd_fake_skyserver(argv[1:])
+    args = build_parser().parse_args(argv)
+    from galpipe.smk import setup_logging
+
+    setup_logging()
+    try:
+        return int(args.func(args))
+    except GalpipeError as exc:
+        print(f"galpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Load, validate and complete galpipe configurations.
+
+The JSON schema lives in ``workflow/schemas/config.schema.yaml`` (shipped in the
+package as ``galpipe/schemas``); the ``sdss:`` section has its own fragment,
+``sdss.schema.yaml``, merged in at load time.  Validation fills every default
+and fails with :class:`~galpipe.errors.ConfigError` naming the offending key
+before any job runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from galpipe.errors import ConfigError
+
+_SCHEMA_PACKAGE = "galpipe.schemas"
+
+
+def _schema_text(name: str) -> str | None:
+    here = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / name
+    if here.is_file():  # source checkout: the workflow's copy is the one true schema
+        return here.read_text(encoding="utf-8")
+    try:
+        return resources.files(_SCHEMA_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The configuration JSON schema (with the ``sdss`` fragment merged in)."""
+    text = _schema_text("config.schema.yaml")
+    if text is None:  # pragma: no cover - broken installation
+        raise ConfigError("config.schema.yaml not found in the galpipe installation")
+    schema = yaml.safe_load(text)
+    sdss = _schema_text("sdss.schema.yaml")
+    if sdss is not None:
+        fragment = yaml.safe_load(sdss)
+        fragment.pop("$schema", None)
+        fragment.setdefault("default", {})
+        schema["properties"]["sdss"] = fragment
+    else:  # pragma: no cover - the fragment ships with the package
+        schema["properties"]["sdss"] = {"type": "object", "default": {}}
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def _key(path: Iterable[Any]) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def _format_error(err: jsonschema.ValidationError) -> str:
+    key = _key(err.absolute_path)
+    if err.validator == "additionalProperties":
+        extra = sorted(
+            set(err.instance) - set(err.schema.get("properties", {}))
+            if isinstance(err.instance, Mapping)
+            else []
+        )
+        allowed = sorted(err.schema.get("properties", {}))
+        where = f"config key '{key}'" if err.absolute_path else "config"
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{where}: unknown key(s) {', '.join(map(repr, extra))}{hint}"
+    desc = err.schema.get("description") if isinstance(err.schema, Mapping) else None
+    msg = f"config key '{key}': {err.message}"
+    if desc:
+        msg += f" (expected: {desc})"
+    return msg
+
+
+def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
+    """Recursively insert schema defaults into ``instance`` (a deep copy is returned)."""
+    if schema.get("x-galpipe-overrides"):
+        return copy.deepcopy(instance)
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        target: Any = root
+        for part in ref.lstrip("#/").split("/"):
+            target = target[part]
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _fill_defaults(instance, merged, root)
+    if isinstance(instance, dict) and schema.get("type") in ("object", None):
+        out = dict(instance)
+        for name, sub in schema.get("properties", {}).items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = _fill_defaults(out[name], sub, root)
+        addl = schema.get("additionalProperties")
+        if isinstance(addl, Mapping):
+            for name in out:
+                if name not in schema.get("properties", {}):
+                    out[name] = _fill_defaults(out[name], addl, root)
+        return out
+    return instance
+
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` against the schema and return it with every default filled.
+
+    Raises
+    ------
+    ConfigError
+        The first (deepest-path-first) problem, naming the key and what was expected.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config: expected a mapping of keys, got {type(config).__name__}")
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(dict(config)), key=lambda e: (list(e.absolute_path), e.message))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_format_error(best))
+    full = _fill_defaults(dict(config), schema, schema)
+    errors = list(validator.iter_errors(full))
+    if errors:  # a default inconsistent with a user value (should not happen)
+        raise ConfigError(_format_error(jsonschema.exceptions.best_match(errors)))
+    _semantic_checks(full)
+    return full
+
+
+def _semantic_checks(cfg: Mapping[str, Any]) -> None:
+    fr = cfg["split"]["fractions"]
+    total = fr["train"] + fr["validation"] + fr["test"]
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ConfigError(
+            f"config key 'split.fractions': train + validation + test = {total:g}, expected 1"
+        )
+    weights = cfg["simulated"]["class_fractions"]
+    if sum(weights.values()) <= 0:
+        raise ConfigError("config key 'simulated.class_fractions': at least one weight must be > 0")
+    lo, hi = cfg["simulated"]["mag_r_range"]
+    if not lo < hi:
+        raise ConfigError(f"config key 'simulated.mag_r_range': [{lo}, {hi}] must be increasing")
+    reg = cfg["simulated"]["region"]
+    for a, b in (("ra_min", "ra_max"), ("dec_min", "dec_max")):
+        if not reg[a] < reg[b]:
+            raise ConfigError(f"config key 'simulated.region': {a} must be < {b}")
+    clo, chi = cfg["normalise"]["clip"]
+    if not clo < chi:
+        raise ConfigError(f"config key 'normalise.clip': [{clo}, {chi}] must be increasing")
+    if cfg["source"] == "images":
+        for key in ("directory", "labels_csv"):
+            if not cfg["images"][key]:
+                raise ConfigError(f"config key 'images.{key}': required when source is 'images'")
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, apply ``overrides`` (deep-merged) and validate it."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {p} not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_config(raw)
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``over`` into a copy of ``base`` (mappings merge, others replace)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def fingerprint(*parts: Any, length: int = 12) -> str:
+    """Stable short hash of JSON-serialisable ``parts`` (used to key caches)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+# --------------------------------------------------------------------------- experiments
+def load_preset(name: str, preset_dirs: Iterable[str | Path]) -> dict[str, Any]:
+    """Read architecture preset ``name`` (``NAME.yaml``) from the first dir that has it.
+
+    Returns
+    -------
+    dict
+        ``{"description": str, "architecture": list}``.
+    """
+    dirs = [Path(d) for d in preset_dirs]
+    for d in dirs:
+        f = d / f"{name}.yaml"
+        if f.is_file():
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            if not isinstance(data, Mapping) or not isinstance(data.get("architecture"), list):
+                raise ConfigError(f"architecture preset {f}: expected a mapping with an 'architecture' list")
+            return {"description": str(data.get("description", "")), "architecture": data["architecture"]}
+    available = sorted({f.stem for d in dirs if d.is_dir() for f in d.glob("*.yaml")})
+    raise ConfigError(
+        f"architecture preset {name!r} not found in {[str(d) for d in dirs]}; "
+        f"available presets: {', '.join(available) or 'none'}"
+    )
+
+
+def resolve_experiments(
+    cfg: Mapping[str, Any], preset_dirs: Iterable[str | Path]
+) -> dict[str, dict[str, Any]]:
+    """Per experiment: architecture list, description, inputs and merged training settings."""
+    out: dict[str, dict[str, Any]] = {}
+    dirs = list(preset_dirs)
+    for name, exp in cfg["experiments"].items():
+        arch = exp["architecture"]
+        description = exp.get("description", "")
+        preset = None
+        if isinstance(arch, str):
+            preset = arch
+            loaded = load_preset(arch, dirs)
+            arch = loaded["architecture"]
+            description = description or loaded["description"]
+        training = deep_merge(cfg["training"], exp.get("training", {}))
+        out[name] = {
+            "architecture": arch,
+            "preset": preset,
+            "description": description,
+            "inputs": exp.get("inputs", "image"),
+            "training": training,
+        }
+    return out

@@ -1,0 +1,239 @@
+"""Class probabilities with uncertainties: test-time augmentation and MC dropout.
+
+* **TTA** averages the softmax over the 8 symmetries of the square
+  (:func:`galpipe.nn.augment.dihedral`); galaxy morphology does not depend on
+  orientation, so this removes the orientation noise of a single forward pass.
+* **MC dropout** (Gal & Ghahramani 2016) runs ``mc_dropout`` stochastic passes
+  with the dropout layers active and every other layer in inference mode
+  (BatchNorm keeps using its running statistics); the spread of the passes
+  (``std``) and the mutual information between prediction and weights are
+  epistemic-uncertainty estimates.
+* ``entropy`` is the predictive entropy of the mean probabilities (nats), the
+  per-galaxy uncertainty reported downstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from galpipe.errors import ConfigError, DataError
+from galpipe.nn.augment import N_SYMMETRIES, dihedral
+from galpipe.nn.data import IMAGE, LABEL, OBJID, STREAM_MC_DROPOUT, ArrayDataset, Dataset
+from galpipe.nn.training import log_softmax
+
+
+@dataclass
+class PredictResult:
+    """Predictions for ``N`` inputs and ``K`` classes.
+
+    Attributes
+    ----------
+    proba : numpy.ndarray
+        Mean class probabilities, shape ``(N, K)`` float64 (rows sum to 1).
+    std : numpy.ndarray
+        Standard deviation of the probabilities over the MC-dropout passes,
+        shape ``(N, K)``; zeros when ``mc_dropout == 0``.
+    entropy : numpy.ndarray
+        Predictive entropy ``-sum_k p_k log p_k`` of ``proba`` (nats), shape ``(N,)``.
+    mutual_info : numpy.ndarray
+        Mutual information (BALD): ``entropy`` minus the mean entropy of the
+        individual MC passes, shape ``(N,)``; zeros without MC dropout.
+    objids : numpy.ndarray or None
+        Object ids, shape ``(N,)``, when the input was a dataset.
+    labels : numpy.ndarray or None
+        True ``label_index``, shape ``(N,)``, when the input was a dataset.
+    """
+
+    proba: np.ndarray
+    std: np.ndarray
+    entropy: np.ndarray
+    mutual_info: np.ndarray
+    objids: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    @property
+    def pred(self) -> np.ndarray:
+        """Most probable class per input, shape ``(N,)``."""
+        return np.argmax(self.proba, axis=1)
+
+    def __len__(self) -> int:
+        return int(self.proba.shape[0])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float64; shape as ``logits``."""
+    return np.exp(log_softmax(logits))
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy ``-sum p log p`` over the last axis (nats, ``0 log 0 = 0``)."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return -terms.sum(axis=-1)
+
+
+# --------------------------------------------------------------------------- dropout toggling
+def _walk(layer: Any) -> Iterator[Any]:
+    yield layer
+    subs = layer.sublayers() if hasattr(layer, "sublayers") else []
+    for sub in subs:
+        yield from _walk(sub)
+
+
+def dropout_layers(model: Any) -> list[Any]:
+    """All dropout layers of ``model`` (nested containers included)."""
+    roots = list(getattr(model, "layers", []))
+    found = []
+    for root in roots:
+        for layer in _walk(root):
+            if getattr(layer, "type_name", None) in ("dropout", "spatial_dropout"):
+                found.append(layer)
+    return found
+
+
+@contextlib.contextmanager
+def mc_dropout_active(model: Any) -> Iterator[int]:
+    """Make every dropout layer behave as in training, whatever ``training`` says.
+
+    Inside the context, ``model.forward(x, training=False)`` keeps BatchNorm
+    (and every other layer) in inference mode but samples dropout masks.  The
+    dropout layers' ``forward`` is wrapped on the instance and restored on
+    exit.  Yields the number of dropout layers found.
+    """
+    layers = dropout_layers(model)
+    saved = []
+    try:
+        for layer in layers:
+            original = layer.forward
+            saved.append((layer, "forward" in vars(layer), vars(layer).get("forward")))
+
+            def forced(x: np.ndarray, training: bool = False, _f: Any = original) -> np.ndarray:
+                return _f(x, training=True)
+
+            layer.forward = forced
+        yield len(layers)
+    finally:
+        for layer, had, value in saved:
+            if had:
+                layer.forward = value
+            else:
+                del layer.forward
+
+
+# --------------------------------------------------------------------------- prediction
+def _batches(
+    data: np.ndarray | Dataset, batch_size: int
+) -> tuple[Iterator[tuple[np.ndarray, ...]], bool]:
+    if isinstance(data, np.ndarray):
+        if data.ndim < 2:
+            raise DataError(f"predict_proba: expected an input batch (N, ...), got {data.shape}")
+        ds = ArrayDataset(data, np.zeros(len(data), dtype=np.int64), classes=["?"])
+        return ds.iter_batches(batch_size, columns=(IMAGE,)), False
+    cols = [IMAGE, LABEL]
+    if OBJID in data.column_names:
+        cols.append(OBJID)
+    return data.iter_batches(batch_size, columns=tuple(cols)), True
+
+
+def _probs(model: Any, x: np.ndarray, tta: bool) -> np.ndarray:
+    """Softmax (TTA-averaged) for one batch, shape ``(B, K)`` float64."""
+    if not tta:
+        return softmax(model.forward(x, training=False))
+    acc = softmax(model.forward(x, training=False))
+    for k in range(1, N_SYMMETRIES):
+        acc += softmax(model.forward(dihedral(x, k), training=False))
+    return acc / N_SYMMETRIES
+
+
+def predict_proba(
+    model: Any,
+    data: np.ndarray | Dataset,
+    batch_size: int = 256,
+    tta: bool = False,
+    mc_dropout: int = 0,
+    seed: int = 0,
+) -> PredictResult:
+    """Class probabilities (and uncertainties) for an array or a whole dataset.
+
+    Parameters
+    ----------
+    model : Sequential
+        Maps ``(B, *input_shape)`` to logits ``(B, K)``.
+    data : numpy.ndarray or ParquetImageDataset or ArrayDataset
+        Inputs ``(N, *input_shape)``, or a dataset streamed in file order.
+    batch_size : int
+        Rows per forward pass (results do not depend on it, except for the
+        dropout masks drawn when ``mc_dropout > 0``).
+    tta : bool
+        Average the softmax over the 8 dihedral symmetries (square images).
+    mc_dropout : int
+        Number of stochastic passes with dropout active (0: deterministic).
+        The dropout layers are reseeded with ``default_rng([seed,
+        STREAM_MC_DROPOUT])``; results are reproducible for a given ``seed``
+        and ``batch_size``.
+    seed : int
+        Seed of the MC-dropout masks.
+
+    Returns
+    -------
+    PredictResult
+        ``proba`` ``(N, K)``, ``std`` ``(N, K)``, ``entropy`` ``(N,)``,
+        ``mutual_info`` ``(N,)``; ``objids``/``labels`` for datasets.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(mc_dropout, bool) or not isinstance(mc_dropout, int) or mc_dropout < 0:
+        raise ConfigError(f"mc_dropout must be an integer >= 0, got {mc_dropout!r}")
+    if isinstance(data, np.ndarray) and tuple(data.shape[1:]) != tuple(model.input_shape):
+        raise DataError(
+            f"predict_proba: inputs of shape {data.shape[1:]}, model expects "
+            f"{tuple(model.input_shape)}"
+        )
+    if not isinstance(data, np.ndarray) and tuple(data.image_shape) != tuple(model.input_shape):
+        raise DataError(
+            f"predict_proba: dataset {data!r} has inputs of shape {tuple(data.image_shape)}, "
+            f"model expects {tuple(model.input_shape)}"
+        )
+    batches, is_ds = _batches(data, batch_size)
+    means: list[np.ndarray] = []
+    stds: list[np.ndarray] = []
+    mis: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    ctx = mc_dropout_active(model) if mc_dropout else contextlib.nullcontext(0)
+    with ctx:
+        if mc_dropout:
+            model.set_rng(np.random.default_rng([int(seed), STREAM_MC_DROPOUT]))
+        for batch in batches:
+            xb = batch[0]
+            if is_ds:
+                labels.append(batch[1])
+                if len(batch) > 2:
+                    ids.append(batch[2])
+            if mc_dropout:
+                passes = np.stack([_probs(model, xb, tta) for _ in range(mc_dropout)])
+                mean = passes.mean(axis=0)
+                means.append(mean)
+                stds.append(passes.std(axis=0))
+                mis.append(entropy(mean) - entropy(passes).mean(axis=0))
+            else:
+                mean = _probs(model, xb, tta)
+                means.append(mean)
+                stds.append(np.zeros_like(mean))
+                mis.append(np.zeros(len(mean)))
+    k = int(model.output_shape[-1])
+    proba = np.concatenate(means) if means else np.zeros((0, k))
+    return PredictResult(
+        proba=proba,
+        std=np.concatenate(stds) if stds else np.zeros((0, k)),
+        entropy=entropy(proba),
+        mutual_info=np.maximum(np.concatenate(mis), 0.0) if mis else np.zeros(0),
+        objids=np.concatenate(ids) if ids else None,
+        labels=np.concatenate(labels) if labels else (np.zeros(0, np.int64) if is_ds else None),
+    )

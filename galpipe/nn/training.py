@@ -1,0 +1,780 @@
+"""Mini-batch training with validation, early stopping and exact resume.
+
+:func:`fit` trains a :class:`galpipe.nn.model.Sequential` on a streamed
+dataset (:mod:`galpipe.nn.data`).  Every random stream is derived from the
+config seed and the epoch number (:func:`galpipe.nn.data.epoch_rng`):
+
+==================  =============================================
+stream              generator
+==================  =============================================
+shuffling           ``epoch_rng(seed, epoch, STREAM_SHUFFLE)``
+augmentation        ``epoch_rng(seed, epoch, STREAM_AUGMENT)``
+dropout masks       ``epoch_rng(seed, epoch, STREAM_DROPOUT)``
+==================  =============================================
+
+(weight initialisation is seeded when the model is built).  Hence the random
+state at the start of epoch ``e`` is a function of ``(seed, e)`` alone, and a
+run resumed from the checkpoint written after epoch ``e - 1`` replays exactly
+the same computations as an uninterrupted run: the final weights are
+bit-identical.
+
+Checkpoint layout (``checkpoint_dir``), rewritten after every epoch:
+
+* ``checkpoint-eNNNN.npz`` (``NNNN`` = completed epochs): arrays only, readable
+  with ``allow_pickle=False``: ``param/<name>``, ``buffer/<name>`` (current
+  weights and BatchNorm statistics), ``best_param/<name>``,
+  ``best_buffer/<name>`` (weights of the best epoch so far) and ``opt/<key>``
+  (optimizer state arrays).
+* ``checkpoint.json``: the commit record, written atomically *after* the npz:
+  format version, completed epochs, global step, npz file name and its SHA-256,
+  the training config, the model config, the history, best epoch/metric, the
+  early-stopping counter, whether training finished, the RNG derivation
+  (seed; streams are re-derived per epoch so no generator state needs saving)
+  and the non-array part of the optimizer state.  Older npz files are deleted
+  once the new record is in place, so a crash at any point leaves a consistent
+  pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from galpipe.nn.losses import SoftmaxCrossEntropy
+from galpipe.nn.optim import clip_grad_norm, make_optimizer
+from galpipe.nn.schedules import make_schedule
+from tqdm.auto import tqdm
+
+from galpipe.errors import ConfigError, DataError, ModelError
+from galpipe.io import atomic_path, atomic_write_text
+from galpipe.nn.augment import random_augment
+from galpipe.nn.data import STREAM_AUGMENT, STREAM_DROPOUT, Dataset, epoch_rng
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_FORMAT = "galpipe-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+_METRICS = ("val_loss", "val_balanced_acc")
+_WEIGHTINGS = ("none", "balanced")
+
+
+# --------------------------------------------------------------------------- config
+def _is_int(v: object) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit`.
+
+    Attributes
+    ----------
+    epochs : int
+        Maximum number of passes over the training set.
+    batch_size : int
+        Training mini-batch size (the last batch of an epoch may be smaller).
+    optimizer : str
+        ``"sgd"``, ``"adam"`` or ``"adamw"`` (see :mod:`galpipe.nn.optim`).
+    optimizer_kwargs : dict
+        Extra optimizer arguments (``momentum``, ``beta1`` ...).
+    lr : float
+        Base learning rate (the schedule scales it).
+    weight_decay : float
+        Passed to the optimizer (L2 for sgd/adam, decoupled for adamw).
+    schedule : dict or None
+        Learning-rate schedule spec for :func:`galpipe.nn.schedules.make_schedule`
+        (None: constant ``lr``).
+    grad_clip : float or None
+        Clip the global gradient norm to this value (None: no clipping).
+    label_smoothing : float
+        Label smoothing of the training loss, in ``[0, 1)``.
+    class_weighting : str
+        ``"none"`` or ``"balanced"``: weight class ``k`` by
+        ``N / (K * n_k)`` from the training label counts ``n_k`` (classes
+        absent from the training set get weight 1).  The weights apply to the
+        training loss and to the validation loss.
+    augment : bool
+        Random D4 symmetry (and shift up to ``max_shift``) per training image.
+    max_shift : int
+        Largest circular translation in pixels when ``augment`` (0: none).
+    early_stopping_patience : int or None
+        Stop after this many epochs without improvement of
+        ``early_stopping_metric`` (None or 0: never stop early).  The weights of
+        the best epoch are restored at the end in any case.
+    early_stopping_metric : str
+        ``"val_loss"`` (default; lower is better, smooth and sensitive) or
+        ``"val_balanced_acc"`` (higher is better; robust to class imbalance).
+    min_delta : float
+        Smallest change of the metric that counts as an improvement.
+    seed : int
+        Seed of every random stream (shuffling, augmentation, dropout).
+    shuffle_buffer : int
+        Rows held in the streaming shuffle buffer.
+    eval_batch_size : int
+        Batch size of the validation passes.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adam"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: dict[str, Any] | None = None
+    grad_clip: float | None = None
+    label_smoothing: float = 0.0
+    class_weighting: str = "none"
+    augment: bool = False
+    max_shift: int = 0
+    early_stopping_patience: int | None = None
+    early_stopping_metric: str = "val_loss"
+    min_delta: float = 0.0
+    seed: int = 0
+    shuffle_buffer: int = 2048
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(
+                f"training config: {key} must be {expected}, got {getattr(self, key)!r}"
+            )
+
+        for key, low in (("epochs", 1), ("batch_size", 1), ("max_shift", 0), ("seed", 0),
+                         ("shuffle_buffer", 1), ("eval_batch_size", 1)):
+            v = getattr(self, key)
+            if not _is_int(v) or v < low:
+                raise bad(key, f"an integer >= {low}")
+            setattr(self, key, int(v))
+        if not _is_num(self.lr) or not self.lr > 0 or not math.isfinite(self.lr):
+            raise bad("lr", "a positive number")
+        if not _is_num(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise bad("weight_decay", "a number >= 0")
+        if not _is_num(self.min_delta) or not 0 <= self.min_delta < math.inf:
+            raise bad("min_delta", "a number >= 0")
+        if self.grad_clip is not None and (not _is_num(self.grad_clip) or not self.grad_clip > 0):
+            raise bad("grad_clip", "a positive number or null")
+        if not _is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
+            raise bad("label_smoothing", "a number in [0, 1)")
+        if self.class_weighting not in _WEIGHTINGS:
+            raise bad("class_weighting", f"one of {list(_WEIGHTINGS)}")
+        if self.early_stopping_metric not in _METRICS:
+            raise bad("early_stopping_metric", f"one of {list(_METRICS)}")
+        p = self.early_stopping_patience
+        if p is not None and (not _is_int(p) or p < 0):
+            raise bad("early_stopping_patience", "an integer >= 0 or null")
+        if not isinstance(self.augment, bool):
+            raise bad("augment", "true or false")
+        if not isinstance(self.optimizer, str):
+            raise bad("optimizer", "a string such as 'adam'")
+        if not isinstance(self.optimizer_kwargs, dict):
+            raise bad("optimizer_kwargs", "a mapping")
+        if self.schedule is not None and not isinstance(self.schedule, dict):
+            raise bad("schedule", "a mapping or null")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, *, where: str = "training config") -> TrainConfig:
+        """Build a config from a mapping (e.g. YAML), rejecting unknown keys.
+
+        Raises
+        ------
+        ConfigError
+            Unknown keys (named, with the closest valid key) or bad values.
+        """
+        d = dict(d or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), known, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(known)}"
+            )
+        try:
+            return cls(**d)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("training config", where, 1)) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy (round-trips through :meth:`from_dict`)."""
+        return copy.deepcopy(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------- history
+_HISTORY_COLUMNS = (
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr",
+    "seconds",
+)
+
+
+@dataclass
+class History:
+    """Per-epoch training record (one entry per completed epoch).
+
+    Attributes
+    ----------
+    epoch : list of int
+        Epoch numbers, starting at 1.
+    train_loss, train_acc : list of float
+        Mean training loss (as optimised: smoothing and class weights
+        included) and accuracy over the epoch's (augmented) batches.
+    val_loss, val_acc, val_balanced_acc : list of float
+        Validation metrics at the end of the epoch (NaN without validation set).
+    lr : list of float
+        Learning rate of the epoch's first step.
+    seconds : list of float
+        Wall-clock duration of the epoch (training + validation).
+    best_epoch : int
+        Epoch whose weights were kept (0 before any epoch).
+    stopped_early : bool
+        Whether early stopping ended the run.
+    class_weights : list of float or None
+        Class weights used (None for ``class_weighting="none"``).
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    val_balanced_acc: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+    class_weights: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def append(self, **row: float) -> None:
+        """Add one epoch; ``row`` has one value per column."""
+        for key in _HISTORY_COLUMNS:
+            getattr(self, key).append(row[key])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (NaN is written as ``null``)."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            return v
+
+        out: dict[str, Any] = {k: [clean(v) for v in getattr(self, k)] for k in _HISTORY_COLUMNS}
+        out["best_epoch"] = self.best_epoch
+        out["stopped_early"] = self.stopped_early
+        out["class_weights"] = self.class_weights
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        """Inverse of :meth:`to_dict`."""
+        h = cls(best_epoch=int(d.get("best_epoch", 0)), stopped_early=bool(d.get("stopped_early")),
+                class_weights=d.get("class_weights"))
+        for key in _HISTORY_COLUMNS:
+            vals = d.get(key, [])
+            if key == "epoch":
+                h.epoch = [int(v) for v in vals]
+            else:
+                setattr(h, key, [math.nan if v is None else float(v) for v in vals])
+        return h
+
+    def to_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Write one row per epoch (header: the column names) atomically."""
+        lines = [",".join(_HISTORY_COLUMNS)]
+        for i in range(len(self)):
+            row = [str(self.epoch[i])] + [repr(float(getattr(self, k)[i]))
+                                          for k in _HISTORY_COLUMNS[1:]]
+            lines.append(",".join(row))
+        return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- metrics
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, float64, shape as ``logits``."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean per-class recall over the classes present in ``y_true`` (shape ``(N,)`` each).
+
+    Returns NaN for an empty ``y_true``.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.size == 0:
+        return math.nan
+    support = np.bincount(y_true, minlength=n_classes)
+    hits = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
+    present = support > 0
+    return float(np.mean(hits[present] / support[present]))
+
+
+def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Balanced class weights ``N / (K * n_k)``, shape ``(K,)`` float64.
+
+    ``K`` counts all classes; a class with ``n_k = 0`` gets weight 1.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    k = counts.size
+    total = counts.sum()
+    with np.errstate(divide="ignore"):
+        w = np.where(counts > 0, total / (k * np.maximum(counts, 1)), 1.0)
+    return w
+
+
+def evaluate(
+    model: Any,
+    ds: Dataset,
+    *,
+    batch_size: int = 256,
+    class_weights: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Loss and accuracies of ``model`` (inference mode) on a whole dataset.
+
+    Parameters
+    ----------
+    model : Sequential
+        Maps ``(B, *ds.image_shape)`` to logits ``(B, K)``.
+    ds : ParquetImageDataset or ArrayDataset
+        Read in file order.
+    batch_size : int
+        Rows per forward pass.
+    class_weights : numpy.ndarray, optional
+        Shape ``(K,)``; the loss is the weighted mean ``sum w_y nll / sum w_y``.
+
+    Returns
+    -------
+    dict
+        ``loss`` (mean cross-entropy, no label smoothing), ``acc``,
+        ``balanced_acc`` and ``n`` (rows).
+    """
+    n_classes = int(model.output_shape[-1])
+    total = wsum = 0.0
+    y_all: list[np.ndarray] = []
+    p_all: list[np.ndarray] = []
+    for xb, yb in ds.iter_batches(batch_size, shuffle=False):
+        logits = model.forward(xb, training=False)
+        logp = log_softmax(logits)
+        nll = -logp[np.arange(len(yb)), yb]
+        w = np.ones(len(yb)) if class_weights is None else np.asarray(class_weights)[yb]
+        total += float(np.sum(w * nll))
+        wsum += float(np.sum(w))
+        y_all.append(yb)
+        p_all.append(np.argmax(logits, axis=-1))
+    if not y_all:
+        return {"loss": math.nan, "acc": math.nan, "balanced_acc": math.nan, "n": 0}
+    y = np.concatenate(y_all)
+    pred = np.concatenate(p_all)
+    return {
+        "loss": total / wsum if wsum > 0 else math.nan,
+        "acc": float(np.mean(pred == y)),
+        "balanced_acc": balanced_accuracy(y, pred, n_classes),
+        "n": len(y),
+    }
+
+
+# --------------------------------------------------------------------------- state (de)flattening
+def _split_state(obj: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
+    """JSON skeleton of a nested state; arrays (and numpy scalars) go to ``arrays``."""
+    if isinstance(obj, np.ndarray | np.generic) and not isinstance(obj, np.bool_):
+        key = f"opt/{prefix}" if prefix else "opt/_"
+        arrays[key] = np.asarray(obj)
+        return {"__array__": key, "scalar": isinstance(obj, np.generic)}
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _split_state(v, f"{prefix}/{k}", arrays)
+                                 for k, v in obj.items()}}
+        return {"__items__": [[_split_state(k, f"{prefix}/k{i}", arrays),
+                               _split_state(v, f"{prefix}/v{i}", arrays)]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, list | tuple):
+        tag = "__tuple__" if isinstance(obj, tuple) else "__list__"
+        return {tag: [_split_state(v, f"{prefix}/{i}", arrays) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return {"__float__": repr(obj)}  # exact, and survives NaN/inf
+    raise ModelError(f"optimizer state entry {prefix!r} has unsupported type {type(obj).__name__}")
+
+
+def _join_state(skel: Any, arrays: Any) -> Any:
+    """Inverse of :func:`_split_state`."""
+    if isinstance(skel, dict):
+        if "__array__" in skel:
+            arr = np.array(arrays[skel["__array__"]])
+            return arr[()] if skel.get("scalar") else arr
+        if "__dict__" in skel:
+            return {k: _join_state(v, arrays) for k, v in skel["__dict__"].items()}
+        if "__items__" in skel:
+            return {_join_state(k, arrays): _join_state(v, arrays) for k, v in skel["__items__"]}
+        if "__tuple__" in skel:
+            return tuple(_join_state(v, arrays) for v in skel["__tuple__"])
+        if "__list__" in skel:
+            return [_join_state(v, arrays) for v in skel["__list__"]]
+        if "__float__" in skel:
+            return float(skel["__float__"])
+    return skel
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------- checkpoints
+@dataclass
+class _RunState:
+    epochs_done: int = 0
+    step: int = 0
+    bad_epochs: int = 0
+    best_metric: float | None = None
+    best_params: dict[str, np.ndarray] | None = None
+    best_buffers: dict[str, np.ndarray] | None = None
+    finished: bool = False
+    history: History = field(default_factory=History)
+
+
+def _snapshot(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in arrays.items()}
+
+
+def _assign(live: dict[str, np.ndarray], saved: dict[str, np.ndarray], what: str) -> None:
+    if set(live) != set(saved):
+        raise ModelError(
+            f"checkpoint {what} names {sorted(saved)} do not match the model's {sorted(live)}"
+        )
+    for k, arr in live.items():
+        if arr.shape != saved[k].shape:
+            raise ModelError(
+                f"checkpoint {what} {k!r} has shape {saved[k].shape}, model has {arr.shape}"
+            )
+        arr[...] = saved[k]
+
+
+def _write_checkpoint(
+    directory: Path, model: Any, optimizer: Any, cfg: TrainConfig, st: _RunState
+) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for k, v in model.parameters().items():
+        arrays[f"param/{k}"] = v
+    for k, v in model.buffers().items():
+        arrays[f"buffer/{k}"] = v
+    for k, v in (st.best_params or {}).items():
+        arrays[f"best_param/{k}"] = v
+    for k, v in (st.best_buffers or {}).items():
+        arrays[f"best_buffer/{k}"] = v
+    opt_skeleton = _split_state(optimizer.state_dict(), "", arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    npz_name = f"checkpoint-e{st.epochs_done:04d}.npz"
+    with atomic_path(directory / npz_name) as tmp:
+        tmp.write_bytes(data)
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "epochs_done": st.epochs_done,
+        "step": st.step,
+        "npz": npz_name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "config": cfg.to_dict(),
+        "model_config": _json_roundtrip(model.get_config()),
+        "history": st.history.to_dict(),
+        "best_metric": None if st.best_metric is None else repr(st.best_metric),
+        "has_best": st.best_params is not None,
+        "bad_epochs": st.bad_epochs,
+        "finished": st.finished,
+        "rng": {"seed": cfg.seed, "derivation": "numpy default_rng([seed, epoch, stream])"},
+        "optimizer": opt_skeleton,
+    }
+    atomic_write_text(directory / CHECKPOINT_JSON, json.dumps(record, indent=1) + "\n")
+    for old in directory.glob("checkpoint-e*.npz"):
+        if old.name != npz_name:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
+
+def has_checkpoint(directory: str | os.PathLike[str] | None) -> bool:
+    """Whether ``directory`` holds a training checkpoint record."""
+    return directory is not None and (Path(directory) / CHECKPOINT_JSON).is_file()
+
+
+def _read_checkpoint(
+    directory: Path, model: Any, optimizer: Any, cfg: TrainConfig
+) -> _RunState:
+    jpath = directory / CHECKPOINT_JSON
+    try:
+        record = json.loads(jpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"checkpoint {jpath}: not readable JSON ({exc})") from exc
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"checkpoint {jpath}: not a galpipe training checkpoint")
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise DataError(
+            f"checkpoint {jpath}: version {record.get('version')!r}, expected {CHECKPOINT_VERSION}"
+        )
+    saved_cfg = record["config"]
+    if saved_cfg != _json_roundtrip(cfg.to_dict()):
+        diff = sorted(k for k in set(saved_cfg) | set(cfg.to_dict())
+                      if saved_cfg.get(k) != _json_roundtrip(cfg.to_dict()).get(k))
+        raise ConfigError(
+            f"checkpoint {jpath} was written with a different training config (keys {diff} "
+            "differ); use a fresh checkpoint directory or the original config"
+        )
+    if record["model_config"] != _json_roundtrip(model.get_config()):
+        raise ModelError(
+            f"checkpoint {jpath} was written for a different model architecture; use a fresh "
+            "checkpoint directory or build the original model"
+        )
+    npath = directory / str(record["npz"])
+    try:
+        data = npath.read_bytes()
+    except OSError as exc:
+        raise DataError(f"checkpoint {npath}: cannot read ({exc})") from exc
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise DataError(f"checkpoint {npath}: SHA-256 does not match {jpath} (corrupt file)")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+
+    def group(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    _assign(model.parameters(), group("param/"), "parameter")
+    _assign(model.buffers(), group("buffer/"), "buffer")
+    optimizer.load_state_dict(_join_state(record["optimizer"], arrays))
+    st = _RunState(
+        epochs_done=int(record["epochs_done"]),
+        step=int(record["step"]),
+        bad_epochs=int(record["bad_epochs"]),
+        best_metric=None if record["best_metric"] is None else float(record["best_metric"]),
+        finished=bool(record["finished"]),
+        history=History.from_dict(record["history"]),
+    )
+    if record["has_best"]:
+        st.best_params = group("best_param/")
+        st.best_buffers = group("best_buffer/")
+    return st
+
+
+# --------------------------------------------------------------------------- fit
+def _check_compat(model: Any, train_ds: Dataset, val_ds: Dataset | None) -> int:
+    n_classes = int(model.output_shape[-1])
+    for name, ds in (("training", train_ds), ("validation", val_ds)):
+        if ds is None:
+            continue
+        if tuple(ds.image_shape) != tuple(model.input_shape):
+            raise DataError(
+                f"{name} set {ds!r}: inputs of shape {tuple(ds.image_shape)}, but the model "
+                f"expects {tuple(model.input_shape)}"
+            )
+        if ds.n_classes != n_classes:
+            raise ModelError(
+                f"the model outputs {n_classes} classes but the {name} set has "
+                f"{ds.n_classes} ({ds.classes})"
+            )
+    if train_ds.n_rows == 0:
+        raise DataError(f"training set {train_ds!r} is empty")
+    return n_classes
+
+
+def _improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    if metric == "val_loss":
+        return value < best - min_delta
+    return value > best + min_delta
+
+
+def _progress_enabled(progress: bool) -> bool:
+    if not progress:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def fit(
+    model: Any,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    cfg: TrainConfig | dict[str, Any],
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> History:
+    """Train ``model`` in place; return the per-epoch history.
+
+    Each epoch: streamed shuffled mini-batches (seeded by ``(seed, epoch)``),
+    optional augmentation, forward, loss, backward, optional gradient-norm
+    clipping and an optimizer step at the scheduled learning rate; then a
+    validation pass (loss, accuracy, balanced accuracy), early-stopping
+    bookkeeping, a checkpoint (when ``checkpoint_dir``) and a log line.  At the
+    end the weights (and BatchNorm statistics) of the best validation epoch are
+    restored; without a validation set the final weights are kept.
+
+    Parameters
+    ----------
+    model : Sequential
+        Built model mapping ``(B, *image_shape)`` to logits ``(B, K)``.
+    train_ds, val_ds : ParquetImageDataset or ArrayDataset
+        Training and validation data (``val_ds`` may be None).
+    cfg : TrainConfig or dict
+        Hyper-parameters (a dict goes through :meth:`TrainConfig.from_dict`).
+    checkpoint_dir : path-like, optional
+        Where to checkpoint after every epoch.  If it already holds a
+        checkpoint of the same config and architecture, training resumes after
+        the last completed epoch and ends bit-identical to an uninterrupted
+        run; a finished run is returned as is (best weights loaded).
+    progress : bool
+        Show a tqdm progress bar with the running loss and accuracy (only when
+        stderr is a terminal).
+    log : callable, optional
+        Receives one summary line per epoch (default: ``logging`` at INFO).
+
+    Returns
+    -------
+    History
+
+    Raises
+    ------
+    ConfigError, DataError, ModelError
+        Bad config, incompatible data/model/checkpoint, or a non-finite loss.
+    """
+    if not isinstance(cfg, TrainConfig):
+        cfg = TrainConfig.from_dict(cfg)
+    emit = log if log is not None else logger.info
+    _check_compat(model, train_ds, val_ds)
+
+    weights: np.ndarray | None = None
+    if cfg.class_weighting == "balanced":
+        counts = np.bincount(train_ds.labels(), minlength=int(model.output_shape[-1]))
+        weights = class_weights_from_counts(counts)
+        if np.any(counts == 0):
+            emit(f"warning: classes {np.flatnonzero(counts == 0).tolist()} have no training rows")
+    loss_fn = SoftmaxCrossEntropy(class_weights=weights, label_smoothing=cfg.label_smoothing)
+    optimizer = make_optimizer(
+        cfg.optimizer, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        **cfg.optimizer_kwargs,
+    )
+    steps_per_epoch = math.ceil(train_ds.n_rows / cfg.batch_size)
+    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch)
+
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and has_checkpoint(ckpt):
+        st = _read_checkpoint(ckpt, model, optimizer, cfg)
+        emit(f"resuming from {ckpt / CHECKPOINT_JSON} after epoch {st.epochs_done}")
+    else:
+        st = _RunState()
+    st.history.class_weights = None if weights is None else [float(w) for w in weights]
+    metric = cfg.early_stopping_metric
+    patience = cfg.early_stopping_patience or 0
+
+    while not st.finished and st.epochs_done < cfg.epochs:
+        epoch = st.epochs_done
+        t0 = time.perf_counter()
+        model.set_rng(epoch_rng(cfg.seed, epoch, STREAM_DROPOUT))
+        aug_rng = epoch_rng(cfg.seed, epoch, STREAM_AUGMENT)
+        first_lr = float(schedule(st.step))
+        loss_sum = 0.0
+        correct = seen = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not _progress_enabled(progress), unit="batch")
+        try:
+            for xb, yb in train_ds.iter_batches(
+                cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                buffer_size=cfg.shuffle_buffer,
+            ):
+                lr = float(schedule(st.step))
+                if cfg.augment:
+                    xb = random_augment(xb, aug_rng, max_shift=cfg.max_shift)
+                logits = model.forward(xb, training=True)
+                loss = float(loss_fn.forward(logits, yb))
+                if not math.isfinite(loss):
+                    raise ModelError(
+                        f"training diverged: loss is {loss} at epoch {epoch + 1}, step "
+                        f"{st.step} (lr={lr:g}); lower the learning rate or set grad_clip"
+                    )
+                model.backward(loss_fn.backward())
+                grads = model.gradients()
+                if cfg.grad_clip is not None:
+                    clip_grad_norm(grads, cfg.grad_clip)
+                optimizer.step(grads, lr=lr)
+                st.step += 1
+                loss_sum += loss * len(yb)
+                correct += int(np.sum(np.argmax(logits, axis=-1) == yb))
+                seen += len(yb)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
+                                refresh=False)
+        finally:
+            bar.close()
+        if val_ds is not None:
+            val = evaluate(model, val_ds, batch_size=cfg.eval_batch_size, class_weights=weights)
+        else:
+            val = {"loss": math.nan, "acc": math.nan, "balanced_acc": math.nan}
+        st.epochs_done = epoch + 1
+        st.history.append(
+            epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
+            val_loss=val["loss"], val_acc=val["acc"], val_balanced_acc=val["balanced_acc"],
+            lr=first_lr, seconds=0.0,
+        )
+        if val_ds is not None:
+            value = val["loss"] if metric == "val_loss" else val["balanced_acc"]
+            if _improved(metric, value, st.best_metric, cfg.min_delta):
+                st.best_metric = value
+                st.best_params = _snapshot(model.parameters())
+                st.best_buffers = _snapshot(model.buffers())
+                st.history.best_epoch = epoch + 1
+                st.bad_epochs = 0
+            else:
+                st.bad_epochs += 1
+                if patience and st.bad_epochs >= patience:
+                    st.finished = True
+                    st.history.stopped_early = True
+        else:
+            st.history.best_epoch = epoch + 1
+        if st.epochs_done >= cfg.epochs:
+            st.finished = True
+        st.history.seconds[-1] = time.perf_counter() - t0
+        if ckpt is not None:
+            _write_checkpoint(ckpt, model, optimizer, cfg, st)
+        h = st.history
+        emit(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {h.train_loss[-1]:.4f} acc "
+            f"{h.train_acc[-1]:.3f} | val loss {h.val_loss[-1]:.4f} acc {h.val_acc[-1]:.3f} "
+            f"bal {h.val_balanced_acc[-1]:.3f} | lr {first_lr:.3g} | "
+            f"{h.seconds[-1]:.1f}s" + (" | early stop" if h.stopped_early else "")
+        )
+    if st.best_params is not None:
+        _assign(model.parameters(), st.best_params, "parameter")
+        _assign(model.buffers(), st.best_buffers or {}, "buffer")
+    return st.history

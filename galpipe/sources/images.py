@@ -1,0 +1,289 @@
+"""Source ``images``: a folder of existing images (JPEG, PNG or FITS) plus a labels CSV.
+
+This is how a user brings their own labelled set (for example the real SDSS
+Galaxy Zoo 1 JPEGs).  Images are centre-cropped, resized to the cutout size and
+written in the common cutout FITS layout (``galpipe.io``): 8-bit images as
+``BUNIT = "DN"`` uint8 with bands ``red, green, blue``; FITS inputs keep their
+pixel values as float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+from PIL import Image, UnidentifiedImageError
+
+from galpipe.errors import ConfigError, DataError
+from galpipe.io import MAX_CUTOUT_SIDE, cutout_filename, read_cutout, write_cutout
+
+RGB_BANDS = ["red", "green", "blue"]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".fits", ".fit", ".fts"}
+#: Largest decoded image accepted (pixels); Pillow's own bomb check uses 2x its default.
+MAX_IMAGE_PIXELS = 64_000_000
+#: Largest FITS file side accepted before any data is read.
+MAX_FITS_SIDE = 16384
+
+
+def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
+    """Read and check the labels CSV of the ``images`` source.
+
+    Parameters
+    ----------
+    params : mapping
+        The ``images:`` config section (``directory``, ``labels_csv``,
+        ``id_column``, ``label_column``, ``path_column``, ``label_map``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``objid`` (int64), ``label`` (class name), ``raw_label``,
+        ``image_path`` (absolute path of the image), sorted by ``objid``.  Rows whose
+        raw label is empty or mapped to null are dropped.
+
+    Raises
+    ------
+    DataError
+        Missing file or columns, non-integer or duplicate ids, a raw label not in
+        a non-empty ``label_map``, an image path escaping the folder.
+    """
+    csv = Path(str(params.get("labels_csv")))
+    directory = Path(str(params.get("directory")))
+    if not csv.is_file():
+        raise DataError(f"labels CSV {csv} not found (config key 'images.labels_csv')")
+    if not directory.is_dir():
+        raise DataError(f"image folder {directory} not found (config key 'images.directory')")
+    cols = {k: params.get(k) for k in ("id_column", "label_column", "path_column")}
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"labels CSV {csv}: cannot be parsed ({exc})") from exc
+    missing = [f"{v} (images.{k})" for k, v in cols.items() if v not in df.columns]
+    if missing:
+        raise DataError(
+            f"labels CSV {csv}: missing column(s) {', '.join(missing)}; "
+            f"columns present: {list(df.columns)}"
+        )
+    ids = df[cols["id_column"]].str.strip()
+    bad = ~ids.str.fullmatch(r"-?\d{1,19}")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row]!r} in column "
+            f"{cols['id_column']!r} is not an integer"
+        )
+    try:
+        objid = ids.map(int)
+        objid = objid.astype(np.int64)
+    except (OverflowError, ValueError) as exc:
+        raise DataError(f"labels CSV {csv}: an id does not fit in a 64-bit integer ({exc})") from exc
+    dup = objid[objid.duplicated()]
+    if len(dup):
+        raise DataError(f"labels CSV {csv}: duplicate id(s) {dup.head(5).tolist()}")
+    raw = df[cols["label_column"]].str.strip()
+    label_map: Mapping[str, str | None] = params.get("label_map") or {}
+    if label_map:
+        known = {str(k) for k in label_map}
+        unknown = sorted(set(raw[raw != ""]) - known)
+        if unknown:
+            row = int(np.flatnonzero(raw.isin(unknown).to_numpy())[0])
+            raise DataError(
+                f"labels CSV {csv}: row {row + 2}: label {raw.iloc[row]!r} is not in "
+                f"images.label_map (known: {sorted(known)}); map it to a class or to null to drop it"
+            )
+        label = raw.map(lambda r: label_map.get(r) if r else None)
+    else:
+        label = raw.where(raw != "", None)
+    paths = df[cols["path_column"]].str.strip()
+    root = directory.resolve()
+    resolved = []
+    for i, rel in enumerate(paths):
+        if not rel or "\x00" in rel or Path(rel).is_absolute():
+            raise DataError(f"labels CSV {csv}: row {i + 2}: image path {rel!r} must be relative to {root}")
+        p = (root / rel).resolve()
+        if root not in p.parents:
+            raise DataError(f"labels CSV {csv}: row {i + 2}: image path {rel!r} escapes {root}")
+        resolved.append(str(p))
+    out = pd.DataFrame({"objid": objid, "label": label, "raw_label": raw, "image_path": resolved})
+    out = out[out["label"].notna()].sort_values("objid", kind="stable").reset_index(drop=True)
+    if len(out) == 0:
+        raise DataError(f"labels CSV {csv}: no labelled rows left after applying images.label_map")
+    return out
+
+
+def build_catalogue(params: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Catalogue of the ``images`` source (coordinates unknown: ``ra``/``dec`` are NaN)."""
+    labels = read_labels(params)
+    labels.insert(1, "ra", np.nan)
+    labels.insert(2, "dec", np.nan)
+    counts = labels["label"].value_counts().sort_index().to_dict()
+    provenance = {
+        "source": "images",
+        "labels_csv": str(params.get("labels_csv")),
+        "directory": str(params.get("directory")),
+        "label_map": dict(params.get("label_map") or {}),
+        "class_counts": {str(k): int(v) for k, v in counts.items()},
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return labels, provenance
+
+
+def _centre_crop_box(w: int, h: int, fraction: float) -> tuple[int, int, int, int]:
+    side = max(1, round(min(w, h) * fraction))
+    left = (w - side) // 2
+    top = (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def load_image(path: str | Path, *, size: int, crop_fraction: float = 1.0) -> tuple[np.ndarray, str, list[str]]:
+    """Load one image, centre-crop and resize it.
+
+    Parameters
+    ----------
+    path : path-like
+        JPEG, PNG or FITS file.
+    size : int
+        Output side in pixels.
+    crop_fraction : float
+        Fraction of the shorter side kept by the centre crop.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        ``(n_bands, size, size)``; uint8 for 8-bit images, float32 for FITS.
+    bunit : str
+        ``"DN"`` for 8-bit images, the FITS ``BUNIT`` (default ``"nanomaggy"``) otherwise.
+    bands : list of str
+        Band names.
+
+    Raises
+    ------
+    DataError
+        Missing, empty, truncated or corrupt file, unsupported type, too large
+        (decompression bomb, absurd ``NAXIS``), NaN-only data.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image {p}: file not found")
+    if p.stat().st_size == 0:
+        raise DataError(f"image {p}: file is empty (0 bytes)")
+    suffix = p.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DataError(f"image {p}: unsupported type {suffix!r}; expected one of {sorted(IMAGE_SUFFIXES)}")
+    if suffix in (".fits", ".fit", ".fts"):
+        return _load_fits(p, size, crop_fraction)
+    return _load_8bit(p, size, crop_fraction)
+
+
+def _load_8bit(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, str, list[str]]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"image {p}: {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
+                        "(possible decompression bomb)"
+                    )
+                im.load()
+                rgb = im.convert("RGB")
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {p}: rejected as a decompression bomb ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"image {p}: corrupt or truncated image ({exc})") from exc
+    box = _centre_crop_box(rgb.width, rgb.height, crop_fraction)
+    small = rgb.resize((size, size), Image.Resampling.LANCZOS, box=box)
+    arr = np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return arr, "DN", list(RGB_BANDS)
+
+
+def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, str, list[str]]:
+    try:
+        with fits.open(p, memmap=False) as hdul:
+            if "BANDS" in hdul[0].header and "OBJID" in hdul[0].header:
+                cut = read_cutout(p)
+                data, bunit, bands = cut.data.astype(np.float32), cut.bunit, cut.bands
+            else:
+                hdu = next((h for h in hdul if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) >= 2), None)
+                if hdu is None:
+                    raise DataError(f"image {p}: FITS file has no image HDU with NAXIS >= 2")
+                naxes = [int(hdu.header.get(f"NAXIS{k}", 0)) for k in range(1, int(hdu.header["NAXIS"]) + 1)]
+                if len(naxes) > 3 or any(n <= 0 or n > MAX_FITS_SIDE for n in naxes) or (
+                    len(naxes) == 3 and naxes[2] > 16
+                ):
+                    raise DataError(f"image {p}: FITS axes {naxes} are out of range (at most 3 axes, "
+                                    f"sides 1..{MAX_FITS_SIDE}, at most 16 bands)")
+                raw = np.asarray(hdu.data, dtype=np.float32)
+                data = raw[None] if raw.ndim == 2 else raw
+                bunit = str(hdu.header.get("BUNIT", "nanomaggy")) or "nanomaggy"
+                bands = [f"band{k}" for k in range(data.shape[0])]
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise DataError(f"image {p}: not a readable FITS file ({exc})") from exc
+    if not np.isfinite(data).any():
+        raise DataError(f"image {p}: every pixel is NaN or infinite")
+    _, h, w = data.shape
+    left, top, right, bottom = _centre_crop_box(w, h, crop_fraction)
+    out = np.empty((data.shape[0], size, size), dtype=np.float32)
+    for k in range(data.shape[0]):
+        finite = np.nan_to_num(data[k, top:bottom, left:right], nan=0.0, posinf=0.0, neginf=0.0)
+        band = Image.fromarray(finite, mode="F")
+        out[k] = np.asarray(band.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    if bunit == "DN":
+        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out, bunit, bands
+
+
+def make_cutouts(catalogue: pd.DataFrame, out_dir: str | Path, *, size: int,
+                 params: Mapping[str, Any], progress: bool = False) -> pd.DataFrame:
+    """Convert the images of a catalogue shard into cutout FITS files.
+
+    A cutout that already exists and verifies is kept (a rerun resumes).  An
+    image that cannot be read is quarantined: its manifest row has
+    ``status="failed"`` and the reason.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Manifest: ``objid``, ``path``, ``status``, ``reason``, ``n_filled``.
+    """
+    if size > MAX_CUTOUT_SIDE:
+        raise ConfigError(f"config key 'cutout_size': {size} exceeds {MAX_CUTOUT_SIDE}")
+    crop = float(params.get("crop_fraction", 1.0))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    it = catalogue.itertuples(index=False)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=len(catalogue), desc="cutouts", unit="gal")
+    for row in it:
+        objid = int(row.objid)
+        dest = out / cutout_filename(objid)
+        if dest.exists():
+            try:
+                cut = read_cutout(dest)
+                if cut.data.shape[1:] == (size, size) and cut.objid == objid:
+                    rows.append((objid, str(dest), "ok", "", 0))
+                    continue
+            except DataError:
+                pass  # corrupt or stale: rebuild it
+        try:
+            data, bunit, bands = load_image(row.image_path, size=size, crop_fraction=crop)
+            write_cutout(dest, data, bands=bands, objid=objid, ra=float(row.ra), dec=float(row.dec),
+                         source="images", bunit=bunit, pixel_scale=0.0)
+            rows.append((objid, str(dest), "ok", "", 0))
+        except DataError as exc:
+            rows.append((objid, "", "failed", str(exc), 0))
+    return pd.DataFrame(rows, columns=["objid", "path", "status", "reason", "n_filled"])

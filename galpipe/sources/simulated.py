@@ -1,0 +1,957 @@
+"""The offline simulated survey: SDSS-like galaxies rendered with GalSim.
+
+This is galpipe's default source, so that the whole pipeline runs without
+network.  To the rest of the pipeline it looks like SDSS: a catalogue with
+``objid``/``ra``/``dec`` and ``PhotoObj``-style measured columns, and cutouts in
+nanomaggies on 0.396" pixels with SDSS-like seeing and noise.
+
+Model (all numbers are module constants, documented where they are defined)
+---------------------------------------------------------------------------
+Classes (:data:`SIMULATED_CLASSES`):
+
+* ``elliptical``: one truncated de Vaucouleurs (Sersic n=4) profile, axis
+  ratio ``q`` in 0.6-1, red colours (g-r ~0.78, r-i ~0.40).
+* ``spiral``: de Vaucouleurs bulge (B/T ~0.03-0.6, mean ~0.2, red) + smooth
+  exponential disc (g-r ~0.55) + spiral arms (g-r ~0.28).  The arms are a
+  logarithmic-spiral modulation of an exponential disc with 2-4 arms, pitch
+  angle 12-30 deg, broken into clumps by a smoothed log-normal random field,
+  drawn on a fine grid and turned into a ``galsim.InterpolatedImage``.  Disc
+  axis ratio ``q`` in 0.4-1.
+* ``edge_on``: a ``galsim.InclinedExponential`` thin disc (scale height 6-12 %
+  of the scale length), apparent axis ratio ``q`` in 0.1-0.25, dust-reddened
+  colours (g-r ~0.68), small bulge (B/T 0-0.25).
+
+Every component has its own colours (per-galaxy scatter around the means of
+:data:`COMPONENT_COLOURS`), so galaxies have colour gradients.  Each component
+is rendered once (unit flux, convolved with the PSF and the pixel) and scaled
+per band by its flux, so the cost hardly depends on the number of bands.
+
+Photometry: r-band total magnitudes uniform in ``mag_r_range`` under
+number counts ``dN/dm ∝ 10**(0.55 m)`` (the slope of SDSS bright galaxy counts,
+slightly below the Euclidean 0.6).  Half-light radii (major axis, arcsec)
+follow ``log10 R = log10 R17 - 0.16 (m_r - 17)`` with 0.12-0.13 dex scatter,
+``R17`` = 1.5" (ellipticals), 2.3" (spiral discs), 2.6" (edge-on discs).
+
+PSF: Kolmogorov, FWHM = ``psf_fwhm`` (default 1.4", the SDSS median seeing)
+times a per-galaxy log-normal jitter of 8 % (clipped to 0.75-1.35x); the same
+PSF is used in all bands of a galaxy (a simplification that lets every
+component be rendered once).
+
+Noise: each band is a sky-subtracted calibrated frame at SDSS depth: the
+galaxy plus the sky (:data:`galpipe.sources.sdss_photometry.SKY_MAG_ARCSEC2`)
+is converted to electrons with the SDSS gain and calibration, Poisson-sampled,
+dark/read noise added, converted back to nanomaggies and the sky subtracted.
+The noise of an empty pixel is
+:func:`galpipe.sources.sdss_photometry.pixel_noise_sigma`
+(g 0.017, r 0.028, i 0.044 nanomaggies at 0.396").
+
+Measured catalogue columns (noisy, as the SDSS photometric pipeline would give):
+Petrosian radius, fluxes and ``petroR50_r``/``petroR90_r`` computed exactly
+(SDSS definition: Petrosian ratio 0.2, aperture 2 R_P) on the circularised,
+seeing-broadened (radii added in quadrature with 0.55 FWHM) bulge + disc
+profile; asinh magnitudes ``petroMag_<band>`` with errors from the source and
+sky noise inside the aperture; ``fracDeV_r`` from the bulge fraction;
+``deVAB_r``/``expAB_r`` from the seeing-rounded axis ratio.
+
+Determinism: the catalogue is a function of ``(params, seed, bands)`` (the
+random draws do not depend on ``bands``: every band's colours are always
+drawn); the pixels of a galaxy are a function of ``(catalogue row, seed)``
+only, through ``numpy.random.default_rng([seed, objid % 2**63])``, so shards
+can be rendered in any order and in parallel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import galsim
+import numpy as np
+import pandas as pd
+
+from galpipe.errors import ConfigError, DataError
+from galpipe.io import cutout_filename, read_cutout, write_cutout
+from galpipe.sources.sdss_photometry import (
+    DARK_VARIANCE,
+    GAIN,
+    NMGY_PER_DN,
+    PIXEL_SCALE,
+    SDSS_BANDS,
+    asinh_mag,
+    asinh_mag_err,
+    mag_to_nmgy,
+    pixel_noise_sigma,
+    sky_nmgy_per_pixel,
+    validate_bands,
+)
+
+__all__ = [
+    "COMPONENTS",
+    "COMPONENT_COLOURS",
+    "DEFAULTS",
+    "SIMULATED_CLASSES",
+    "make_cutouts",
+    "render_galaxy",
+    "simulate_catalogue",
+    "validate_params",
+]
+
+#: Morphological classes of the simulated survey.
+SIMULATED_CLASSES: tuple[str, ...] = ("elliptical", "spiral", "edge_on")
+
+#: Defaults of the ``simulated:`` config section.
+DEFAULTS: dict[str, Any] = {
+    "n_galaxies": 2000,
+    "class_fractions": {"elliptical": 1.0, "spiral": 1.0, "edge_on": 1.0},
+    "pixel_scale": PIXEL_SCALE,
+    "psf_fwhm": 1.4,
+    "mag_r_range": [14.0, 17.77],
+    "region": {"ra_min": 150.0, "ra_max": 200.0, "dec_min": 0.0, "dec_max": 40.0},
+}
+
+#: Light components of a galaxy; each has per-band fluxes ``flux_<comp>_<band>``.
+COMPONENTS: tuple[str, ...] = ("bulge", "disc", "arms")
+
+#: Mean colours (u-g, g-r, r-i, i-z) of each kind of component.
+COMPONENT_COLOURS: dict[str, tuple[float, float, float, float]] = {
+    "elliptical": (1.80, 0.78, 0.40, 0.33),  # red sequence at z ~ 0.1
+    "bulge": (1.70, 0.74, 0.39, 0.31),  # bulges of discs
+    "disc": (1.25, 0.55, 0.30, 0.20),  # smooth (old) disc light
+    "arms": (0.95, 0.28, 0.15, 0.05),  # young stars in the arms
+    "edge_disc": (1.55, 0.68, 0.38, 0.28),  # edge-on disc, reddened by dust
+}
+#: Per-galaxy Gaussian scatter of each colour (u-g, g-r, r-i, i-z), mag.
+COLOUR_SCATTER: tuple[float, float, float, float] = (0.10, 0.035, 0.03, 0.03)
+
+_OBJID_BASE = 1_237_650_000_000_000_000
+_COUNT_SLOPE = 0.55  # d log10 N / dm of the r-band number counts
+_SIZE_PIVOT_MAG = 17.0
+_SIZE_SLOPE = 0.16  # d log10 R / d(-m)
+#: (R at r = 17 in arcsec, scatter in dex) of the main half-light radius per class.
+_SIZE = {"elliptical": (1.5, 0.12), "spiral": (2.3, 0.13), "edge_on": (2.6, 0.13)}
+_HLR_CLIP = (0.4, 10.0)  # arcsec
+_PSF_JITTER = 0.08  # log-normal sigma of the per-galaxy seeing
+_PSF_JITTER_CLIP = (0.75, 1.35)
+_B1 = 1.6783469900166605  # Sersic b_n for n = 1 (exponential: R_e = b_1 x scale length)
+_SERSIC_TRUNC = 5.0  # bulges are truncated at 5 half-light radii (speed; exact R_e kept)
+#: Sersic indices (2n integer) and probabilities of ellipticals and of bulges.
+_ELL_SERSIC = ((3.0, 3.5, 4.0, 4.5, 5.0, 6.0), (0.12, 0.18, 0.3, 0.18, 0.14, 0.08))
+_BULGE_SERSIC = ((2.0, 2.5, 3.0, 4.0), (0.3, 0.25, 0.25, 0.2))
+_PSF_HLR_PER_FWHM = 0.55  # half-light radius of the (Kolmogorov) PSF per FWHM
+_ARM_SHARPNESS = 3.0  # exponent of the cosine arm profile (larger: narrower arms)
+_ARM_CLUMPINESS = 0.6  # sigma of the log-normal clump field of the arms
+_ARM_CLUMP_SIZE = 0.5  # arcsec, smoothing length of the clump field
+_ARM_MAX_GRID = 128  # largest side of the arm image (pixels)
+_MAG_CALIB_ERR = 0.01  # fractional calibration error added to Petrosian fluxes
+
+
+# --------------------------------------------------------------------------- config
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def _float(params: Mapping[str, Any], key: str, lo: float, hi: float) -> float:
+    value = params[key]
+    if not _is_number(value) or not math.isfinite(float(value)):
+        raise ConfigError(f"simulated.{key}: expected a number, got {value!r}")
+    v = float(value)
+    if not lo < v <= hi:
+        raise ConfigError(f"simulated.{key}: expected a value in ({lo}, {hi}], got {v}")
+    return v
+
+
+def validate_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check the ``simulated:`` config section and fill in :data:`DEFAULTS`.
+
+    Parameters
+    ----------
+    params : mapping or None
+        The config section; every key is optional.
+
+    Returns
+    -------
+    dict
+        A complete, normalised copy: ``class_fractions`` has every class and
+        sums to 1, ``mag_r_range`` is a ``[lo, hi]`` list of floats, ``region``
+        has all four bounds.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key (``simulated.<key>``) at fault and what was expected.
+    """
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"simulated: expected a mapping of settings, got {params!r}")
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"simulated: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}"
+        )
+    merged: dict[str, Any] = {**DEFAULTS, **params}
+    out: dict[str, Any] = {}
+
+    n = merged["n_galaxies"]
+    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 1 <= n <= 10_000_000:
+        raise ConfigError(f"simulated.n_galaxies: expected an integer in 1..10000000, got {n!r}")
+    out["n_galaxies"] = int(n)
+
+    fr = merged["class_fractions"]
+    if not isinstance(fr, Mapping):
+        raise ConfigError(
+            f"simulated.class_fractions: expected a mapping class -> weight, got {fr!r}"
+        )
+    bad = sorted(set(fr) - set(SIMULATED_CLASSES), key=str)
+    if bad:
+        raise ConfigError(
+            f"simulated.class_fractions: unknown class(es) {bad}; "
+            f"expected some of {list(SIMULATED_CLASSES)}"
+        )
+    weights = []
+    for cls in SIMULATED_CLASSES:
+        w = fr.get(cls, 0.0)
+        if not _is_number(w) or not math.isfinite(float(w)) or float(w) < 0:
+            raise ConfigError(
+                f"simulated.class_fractions.{cls}: expected a finite weight >= 0, got {w!r}"
+            )
+        weights.append(float(w))
+    total = sum(weights)
+    if total <= 0:
+        raise ConfigError("simulated.class_fractions: the weights sum to 0; expected a sum > 0")
+    out["class_fractions"] = {c: w / total for c, w in zip(SIMULATED_CLASSES, weights, strict=True)}
+
+    out["pixel_scale"] = _float(merged, "pixel_scale", 0.0, 10.0)
+    out["psf_fwhm"] = _float(merged, "psf_fwhm", 0.0, 10.0)
+
+    rng_ = merged["mag_r_range"]
+    if (
+        isinstance(rng_, str | bytes)
+        or not isinstance(rng_, Sequence)
+        or len(rng_) != 2
+        or not all(_is_number(v) and math.isfinite(float(v)) for v in rng_)
+        or not 5.0 <= float(rng_[0]) < float(rng_[1]) <= 30.0
+    ):
+        raise ConfigError(
+            f"simulated.mag_r_range: expected [min, max] magnitudes with 5 <= min < max <= 30, "
+            f"got {rng_!r}"
+        )
+    out["mag_r_range"] = [float(rng_[0]), float(rng_[1])]
+
+    region = merged["region"]
+    if not isinstance(region, Mapping):
+        raise ConfigError(
+            f"simulated.region: expected a mapping with ra_min, ra_max, dec_min, dec_max, "
+            f"got {region!r}"
+        )
+    bad = sorted(set(region) - set(DEFAULTS["region"]), key=str)
+    if bad:
+        raise ConfigError(
+            f"simulated.region: unknown key(s) {bad}; expected ra_min, ra_max, dec_min, dec_max"
+        )
+    reg = {**DEFAULTS["region"], **region}
+    for key, value in reg.items():
+        if not _is_number(value) or not math.isfinite(float(value)):
+            raise ConfigError(f"simulated.region.{key}: expected a number (deg), got {value!r}")
+    reg = {k: float(v) for k, v in reg.items()}
+    if not 0.0 <= reg["ra_min"] < reg["ra_max"] <= 360.0:
+        raise ConfigError(
+            f"simulated.region: expected 0 <= ra_min < ra_max <= 360 (deg), "
+            f"got ra_min={reg['ra_min']}, ra_max={reg['ra_max']}"
+        )
+    if not -90.0 <= reg["dec_min"] < reg["dec_max"] <= 90.0:
+        raise ConfigError(
+            f"simulated.region: expected -90 <= dec_min < dec_max <= 90 (deg), "
+            f"got dec_min={reg['dec_min']}, dec_max={reg['dec_max']}"
+        )
+    out["region"] = reg
+    return out
+
+
+def _check_seed(seed: object) -> int:
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or int(seed) < 0:
+        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _class_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """Exact class counts summing to ``n`` by the largest-remainder method."""
+    quotas = np.array([fractions[c] * n for c in SIMULATED_CLASSES])
+    counts = np.floor(quotas).astype(np.int64)
+    remainders = quotas - counts
+    # ties resolved by class order (stable sort of -remainder)
+    order = np.argsort(-remainders, kind="stable")
+    for k in order[: n - int(counts.sum())]:
+        counts[k] += 1
+    return {c: int(k) for c, k in zip(SIMULATED_CLASSES, counts, strict=True)}
+
+
+# --------------------------------------------------------------------------- profiles
+def _gamma_p_int(k: int, y: np.ndarray) -> np.ndarray:
+    """Regularised lower incomplete gamma ``P(k, y)`` for a positive integer ``k``."""
+    term = np.ones_like(y)
+    total = np.ones_like(y)
+    for j in range(1, k):  # P(k, y) = 1 - exp(-y) sum_{j<k} y^j / j!
+        term = term * y / j
+        total = total + term
+    return 1.0 - np.exp(-y) * total
+
+
+@functools.cache
+def _sersic_scale(n: float) -> tuple[float, float]:
+    """``(r0 / R_e, untruncated fraction within the truncation)`` of a truncated Sersic.
+
+    The profile ``exp(-(r / r0)**(1/n))`` truncated at ``_SERSIC_TRUNC`` R_e
+    (as drawn by ``galsim.Sersic(n, half_light_radius=R_e, trunc=...)``) has
+    half its light within ``R_e``; ``2 n`` must be an integer.
+    """
+    k = round(2 * n)
+    lo, hi = 1e-9, 1.0  # bracket of r0 / R_e
+    for _ in range(200):  # bisection in log space
+        mid = math.sqrt(lo * hi)
+        y1 = np.array((1.0 / mid) ** (1.0 / n))
+        yt = np.array((_SERSIC_TRUNC / mid) ** (1.0 / n))
+        if _gamma_p_int(k, y1) / _gamma_p_int(k, yt) > 0.5:
+            lo = mid  # too concentrated: r0 too small
+        else:
+            hi = mid
+    r0 = math.sqrt(lo * hi)
+    return r0, float(_gamma_p_int(k, np.array((_SERSIC_TRUNC / r0) ** (1.0 / n))))
+
+
+def _enclosed(n: float, x: np.ndarray) -> np.ndarray:
+    """Fraction of a truncated Sersic profile's light within ``x`` half-light radii."""
+    r0, norm = _sersic_scale(n)
+    y = np.power(np.maximum(x, 0.0) / r0, 1.0 / n)
+    return np.minimum(_gamma_p_int(round(2 * n), y) / norm, 1.0)
+
+
+def _first_crossing(values: np.ndarray, target: np.ndarray, log_r: np.ndarray) -> np.ndarray:
+    """Per row, interpolated ``log_r`` where ``values`` first reaches ``target``.
+
+    ``values`` has shape ``(N, K)``, ``target`` shape ``(N,)`` and ``log_r``
+    shape ``(K,)``; ``values`` is assumed to start below the target (rows
+    that never reach it return the last radius).
+    """
+    hit = values >= target[:, None]
+    idx = np.where(hit.any(axis=1), np.argmax(hit, axis=1), values.shape[1] - 1)
+    idx = np.clip(idx, 1, values.shape[1] - 1)
+    rows = np.arange(values.shape[0])
+    v0, v1 = values[rows, idx - 1], values[rows, idx]
+    x0, x1 = log_r[idx - 1], log_r[idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(v1 != v0, (target - v0) / (v1 - v0), 1.0)
+    return x0 + np.clip(t, 0.0, 1.0) * (x1 - x0)
+
+
+#: Grids of the Petrosian lookup tables: bulge fraction, log10(R_bulge / R_disc),
+#: and radius in units of R_disc.
+_TAB_WB = np.linspace(0.0, 1.0, 41)
+_TAB_LRHO = np.linspace(-1.5, 0.5, 41)
+_TAB_LOG_R = np.linspace(np.log(0.01), np.log(40.0), 400)
+
+
+@functools.cache
+def _petro_table(n: float) -> np.ndarray:
+    """Petrosian radius, R50 and R90 of bulge (Sersic ``n``) + exponential disc.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(3, len(_TAB_WB), len(_TAB_LRHO))``: ``R_P``, ``R50``, ``R90``
+        in units of the disc half-light radius (SDSS definitions: Petrosian
+        ratio 0.2 in the annulus 0.8-1.25 r, Petrosian flux within 2 R_P).
+    """
+    wb, lrho = np.meshgrid(_TAB_WB, _TAB_LRHO, indexing="ij")
+    wb = wb.reshape(-1, 1)
+    rho = 10.0 ** lrho.reshape(-1, 1)
+    r = np.exp(_TAB_LOG_R)[None, :]
+
+    def light(r: np.ndarray) -> np.ndarray:
+        return wb * _enclosed(n, r / rho) + (1.0 - wb) * _enclosed(1.0, r)
+
+    lr = light(r)
+    eta = (light(1.25 * r) - light(0.8 * r)) / ((1.25**2 - 0.8**2) * np.maximum(lr, 1e-300))
+    # the Petrosian ratio falls from 1 at the centre: first radius where it reaches 0.2
+    log_rp = _first_crossing(-eta, np.full(eta.shape[0], -0.2), _TAB_LOG_R)
+    rp = np.exp(log_rp)[:, None]
+    flux_p = (light(2.0 * rp))[:, 0]
+    r50 = np.exp(_first_crossing(lr, 0.5 * flux_p, _TAB_LOG_R))
+    r90 = np.exp(_first_crossing(lr, 0.9 * flux_p, _TAB_LOG_R))
+    shape = (len(_TAB_WB), len(_TAB_LRHO))
+    return np.stack([rp[:, 0].reshape(shape), r50.reshape(shape), r90.reshape(shape)])
+
+
+def _petrosian(
+    n_bulge: np.ndarray, w_bulge: np.ndarray, r_bulge: np.ndarray, r_disc: np.ndarray
+) -> dict[str, np.ndarray]:
+    """SDSS Petrosian quantities of circular bulge + disc profiles, vectorised.
+
+    Bilinear interpolation in per-``n`` lookup tables (:func:`_petro_table`).
+
+    Parameters
+    ----------
+    n_bulge : numpy.ndarray
+        Sersic index of the bulge (``2 n`` integer), shape ``(N,)``.
+    w_bulge : numpy.ndarray
+        Bulge fraction of the r-band light, shape ``(N,)``; the rest is an
+        exponential disc.
+    r_bulge, r_disc : numpy.ndarray
+        Effective (circularised, seeing-broadened) half-light radii in arcsec,
+        shape ``(N,)``.
+
+    Returns
+    -------
+    dict
+        ``petroRad`` (R_P), ``r50``/``r90`` (radii enclosing 50 %/90 % of the
+        Petrosian flux), ``frac_bulge``/``frac_disc`` (fraction of each
+        component's light within 2 R_P), each of shape ``(N,)``.
+    """
+    nb = len(_TAB_WB)
+    nr = len(_TAB_LRHO)
+    fw = np.clip(w_bulge, 0.0, 1.0) * (nb - 1)
+    i0 = np.clip(np.floor(fw).astype(np.int64), 0, nb - 2)
+    tw = fw - i0
+    lrho = np.log10(r_bulge / r_disc)
+    fr = (np.clip(lrho, _TAB_LRHO[0], _TAB_LRHO[-1]) - _TAB_LRHO[0]) / (
+        _TAB_LRHO[1] - _TAB_LRHO[0]
+    )
+    j0 = np.clip(np.floor(fr).astype(np.int64), 0, nr - 2)
+    tr = fr - j0
+    vals = np.empty((3, w_bulge.shape[0]))
+    for n in np.unique(n_bulge):
+        m = n_bulge == n
+        tab = _petro_table(float(n))
+        a, b, ta, tb = i0[m], j0[m], tw[m], tr[m]
+        vals[:, m] = (
+            tab[:, a, b] * (1 - ta) * (1 - tb)
+            + tab[:, a + 1, b] * ta * (1 - tb)
+            + tab[:, a, b + 1] * (1 - ta) * tb
+            + tab[:, a + 1, b + 1] * ta * tb
+        )
+    rp = vals[0] * r_disc
+    frac_bulge = np.empty_like(rp)
+    for n in np.unique(n_bulge):
+        m = n_bulge == n
+        frac_bulge[m] = _enclosed(float(n), 2.0 * rp[m] / r_bulge[m])
+    return {
+        "petroRad": rp,
+        "r50": vals[1] * r_disc,
+        "r90": vals[2] * r_disc,
+        "frac_bulge": frac_bulge,
+        "frac_disc": _enclosed(1.0, 2.0 * rp / r_disc),
+    }
+
+
+def _mag_offsets(colours: np.ndarray) -> dict[str, np.ndarray]:
+    """``m_band - m_r`` for every SDSS band from colours of shape ``(N, 4)``."""
+    ug, gr, ri, iz = colours.T
+    return {"u": ug + gr, "g": gr, "r": np.zeros_like(gr), "i": -ri, "z": -ri - iz}
+
+
+# --------------------------------------------------------------------------- catalogue
+def simulate_catalogue(
+    params: Mapping[str, Any] | None, *, seed: int, bands: Sequence[str]
+) -> pd.DataFrame:
+    """Draw the truth and the SDSS-like measured catalogue of a simulated survey.
+
+    Parameters
+    ----------
+    params : mapping or None
+        The ``simulated:`` config section (see :data:`DEFAULTS`; all optional).
+    seed : int
+        Non-negative random seed; the same seed gives an identical catalogue.
+    bands : sequence of str
+        Bands to provide fluxes for (subset of ``ugriz``, order kept).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per galaxy (``n_galaxies`` rows), sorted by ``objid``, with:
+
+        * identity: ``objid`` (int64, unique), ``ra``, ``dec`` (deg),
+          ``label`` (one of :data:`SIMULATED_CLASSES`);
+        * truth: ``mag_r`` (total r magnitude), ``psf_fwhm`` (arcsec),
+          ``q`` (major component axis ratio), ``q_bulge``, ``pa_deg`` (east of
+          north), ``hlr_bulge``/``hlr_disc`` (major-axis half-light radii,
+          arcsec; 0 when absent), ``bulge_frac``, ``arm_frac`` (r-band light
+          fractions), ``n_arms``, ``pitch_deg``, ``arm_strength``,
+          ``arm_phase_deg``, ``arm_sign``, ``disc_h_over_r``,
+          ``inclination_deg``, and per requested band ``flux_<band>`` plus
+          ``flux_bulge_<band>``/``flux_disc_<band>``/``flux_arms_<band>``
+          (nanomaggies);
+        * measured (noisy): ``petroMag_<band>``/``petroMagErr_<band>``
+          (asinh mags), ``petroRad_r``, ``petroR50_r``, ``petroR90_r``
+          (arcsec), ``fracDeV_r``, ``deVAB_r``, ``expAB_r``.
+
+    Raises
+    ------
+    ConfigError
+        Bad ``params`` (naming ``simulated.<key>``), ``seed`` or ``bands``.
+    """
+    p = validate_params(params)
+    seed = _check_seed(seed)
+    bands = validate_bands(bands)
+    n = p["n_galaxies"]
+    rng = np.random.default_rng([seed, 0x5EED_CA7A])
+
+    # ---- identity, labels, positions
+    counts = _class_counts(n, p["class_fractions"])
+    objid = _OBJID_BASE + np.cumsum(rng.integers(1, 2**20, size=n, dtype=np.int64))
+    labels = np.repeat(np.array(SIMULATED_CLASSES, dtype=object), list(counts.values()))
+    labels = labels[rng.permutation(n)]
+    is_ell = labels == "elliptical"
+    is_spi = labels == "spiral"
+    is_edge = labels == "edge_on"
+    reg = p["region"]
+    ra = rng.uniform(reg["ra_min"], reg["ra_max"], n)
+    sin_dec = rng.uniform(np.sin(np.radians(reg["dec_min"])), np.sin(np.radians(reg["dec_max"])), n)
+    dec = np.degrees(np.arcsin(sin_dec))
+
+    # ---- magnitudes: dN/dm ∝ 10**(a m) on [lo, hi] by inverse CDF
+    lo, hi = p["mag_r_range"]
+    a = _COUNT_SLOPE * np.log(10.0)
+    u = rng.uniform(0.0, 1.0, n)
+    mag_r = np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
+    mag_r = np.clip(mag_r, lo, hi)
+
+    # ---- PSF
+    psf_fwhm = p["psf_fwhm"] * np.clip(
+        np.exp(rng.normal(0.0, _PSF_JITTER, n)), *_PSF_JITTER_CLIP
+    )
+
+    # ---- sizes (major-axis half-light radius of the main component)
+    size_noise = rng.normal(0.0, 1.0, n)
+    hlr_main = np.empty(n)
+    for cls, mask in (("elliptical", is_ell), ("spiral", is_spi), ("edge_on", is_edge)):
+        r17, scatter = _SIZE[cls]
+        log_r = np.log10(r17) - _SIZE_SLOPE * (mag_r[mask] - _SIZE_PIVOT_MAG)
+        hlr_main[mask] = 10 ** (log_r + scatter * size_noise[mask])
+    hlr_main = np.clip(hlr_main, *_HLR_CLIP)
+    bulge_size_ratio = np.where(is_spi, rng.uniform(0.15, 0.35, n), rng.uniform(0.12, 0.30, n))
+    hlr_bulge = np.where(is_ell, hlr_main, np.maximum(hlr_main * bulge_size_ratio, 0.25))
+    hlr_disc = np.where(is_ell, 0.0, hlr_main)
+
+    # ---- shapes
+    q_ell = 0.6 + 0.4 * rng.beta(2.5, 1.5, n)
+    q_spi = rng.uniform(0.4, 1.0, n)
+    q_edge = rng.uniform(0.10, 0.25, n)
+    q = np.select([is_ell, is_spi], [q_ell, q_spi], q_edge)
+    q_bulge_disc = np.maximum(q, rng.uniform(0.65, 1.0, n))
+    q_bulge = np.where(is_ell, q, np.where(is_edge, rng.uniform(0.5, 0.8, n), q_bulge_disc))
+    pa_deg = rng.uniform(0.0, 180.0, n)
+    h_over_r = rng.uniform(0.06, 0.12, n)
+    # second-moment axis ratio of an InclinedExponential: q^2 ~ (1.2 cos i)^2 + (0.65 h/r)^2
+    cos_i = np.sqrt(np.clip(q**2 - (0.65 * h_over_r) ** 2, 0.0, None)) / 1.2
+    inclination = np.where(is_edge, np.degrees(np.arccos(np.clip(cos_i, 0.0, 1.0))), 0.0)
+    disc_h_over_r = np.where(is_edge, h_over_r, 0.0)
+
+    # ---- light fractions and arms
+    bt_spi = 0.03 + 0.6 * rng.beta(1.6, 4.0, n)
+    bt_edge = rng.uniform(0.0, 0.25, n)
+    bulge_frac = np.select([is_ell, is_spi], [np.ones(n), bt_spi], bt_edge)
+    n_arms_draw = rng.choice(np.array([2, 3, 4]), size=n, p=[0.6, 0.25, 0.15])
+    pitch = rng.uniform(12.0, 30.0, n)
+    strength = rng.uniform(0.35, 0.7, n)
+    phase = rng.uniform(0.0, 360.0, n)
+    sign = np.where(rng.uniform(0.0, 1.0, n) < 0.5, -1, 1)
+    n_arms = np.where(is_spi, n_arms_draw, 0).astype(np.int64)
+    arm_frac = np.where(is_spi, (1.0 - bulge_frac) * strength, 0.0)
+    disc_frac = 1.0 - bulge_frac - arm_frac
+
+    # ---- colours per component (all five bands drawn, whatever ``bands`` is)
+    scatter = np.asarray(COLOUR_SCATTER)
+    col = {
+        kind: np.asarray(COMPONENT_COLOURS[kind]) + scatter * rng.normal(0.0, 1.0, (n, 4))
+        for kind in ("elliptical", "bulge", "disc", "arms", "edge_disc")
+    }
+    bulge_col = np.where(is_ell[:, None], col["elliptical"], col["bulge"])
+    disc_col = np.where(is_edge[:, None], col["edge_disc"], col["disc"])
+    offsets = {
+        "bulge": _mag_offsets(bulge_col),
+        "disc": _mag_offsets(disc_col),
+        "arms": _mag_offsets(col["arms"]),
+    }
+    flux_r = mag_to_nmgy(mag_r)
+    comp_r = {"bulge": flux_r * bulge_frac, "disc": flux_r * disc_frac, "arms": flux_r * arm_frac}
+    comp_flux = {
+        (c, b): comp_r[c] * 10 ** (-0.4 * offsets[c][b]) for c in COMPONENTS for b in SDSS_BANDS
+    }
+
+    # ---- measured quantities: Petrosian photometry on the seeing-broadened profile
+    psf_r = _PSF_HLR_PER_FWHM * psf_fwhm
+    rb_eff = np.hypot(hlr_bulge * np.sqrt(q_bulge), psf_r)
+    rd_eff = np.hypot(np.where(is_ell, hlr_bulge, hlr_disc) * np.sqrt(q), psf_r)
+    petro = _petrosian(bulge_frac, rb_eff, rd_eff)
+    area_pix = np.pi * (2.0 * petro["petroRad"] / p["pixel_scale"]) ** 2
+    meas_noise = rng.normal(0.0, 1.0, (n, len(SDSS_BANDS)))
+    petro_mag: dict[str, np.ndarray] = {}
+    petro_err: dict[str, np.ndarray] = {}
+    snr_r = np.ones(n)
+    for k, b in enumerate(SDSS_BANDS):
+        f_p = comp_flux["bulge", b] * petro["frac_bulge"] + (
+            comp_flux["disc", b] + comp_flux["arms", b]
+        ) * petro["frac_disc"]
+        var = (
+            f_p * NMGY_PER_DN[b] / GAIN[b]
+            + area_pix * pixel_noise_sigma(b, p["pixel_scale"]) ** 2
+            + (_MAG_CALIB_ERR * f_p) ** 2
+        )
+        sigma = np.sqrt(var)
+        f_meas = f_p + sigma * meas_noise[:, k]
+        petro_mag[b] = asinh_mag(f_meas, b)
+        petro_err[b] = asinh_mag_err(f_meas, sigma, b)
+        if b == "r":
+            snr_r = f_p / sigma
+    size_noise = rng.normal(0.0, 1.0, (n, 3))
+    rel = 0.02 + 0.5 / snr_r
+    petro_r50 = petro["r50"] * np.exp(rel * size_noise[:, 0])
+    petro_r90 = np.maximum(petro["r90"] * np.exp(rel * size_noise[:, 1]), 1.05 * petro_r50)
+    petro_rad = petro["petroRad"] * np.exp(rel * size_noise[:, 2])
+    frac_sigma = 0.08 + 0.06 * (mag_r - 14.0) / 3.77
+    frac_dev = np.clip(bulge_frac + frac_sigma * rng.normal(0.0, 1.0, n), 0.0, 1.0)
+    # seeing-rounded axis ratio from second moments (Gaussian-equivalent sizes)
+    s_gal = (bulge_frac * hlr_bulge + (1.0 - bulge_frac) * hlr_disc) / 1.1774
+    q_gal = bulge_frac * q_bulge + (1.0 - bulge_frac) * q
+    s_psf = psf_fwhm / 2.3548
+    q_obs = np.sqrt(((s_gal * q_gal) ** 2 + s_psf**2) / (s_gal**2 + s_psf**2))
+    ab_sigma = 0.03 + 0.3 / np.sqrt(snr_r)
+    dev_ab = np.clip(q_obs + ab_sigma * rng.normal(0.0, 1.0, n), 0.05, 1.0)
+    exp_ab = np.clip(q_obs + ab_sigma * rng.normal(0.0, 1.0, n), 0.05, 1.0)
+
+    cols: dict[str, Any] = {
+        "objid": objid.astype(np.int64),
+        "ra": ra,
+        "dec": dec,
+        "label": labels.astype(str),
+        "mag_r": mag_r,
+        "psf_fwhm": psf_fwhm,
+        "q": q,
+        "q_bulge": q_bulge,
+        "pa_deg": pa_deg,
+        "hlr_bulge": hlr_bulge,
+        "hlr_disc": hlr_disc,
+        "bulge_frac": bulge_frac,
+        "arm_frac": arm_frac,
+        "n_arms": n_arms,
+        "pitch_deg": np.where(is_spi, pitch, 0.0),
+        "arm_strength": np.where(is_spi, strength, 0.0),
+        "arm_phase_deg": np.where(is_spi, phase, 0.0),
+        "arm_sign": np.where(is_spi, sign, 0).astype(np.int64),
+        "disc_h_over_r": disc_h_over_r,
+        "inclination_deg": inclination,
+    }
+    for b in bands:
+        cols[f"flux_{b}"] = sum(comp_flux[c, b] for c in COMPONENTS)
+        for c in COMPONENTS:
+            cols[f"flux_{c}_{b}"] = comp_flux[c, b]
+    for b in bands:
+        cols[f"petroMag_{b}"] = petro_mag[b]
+        cols[f"petroMagErr_{b}"] = petro_err[b]
+    cols["petroRad_r"] = petro_rad
+    cols["petroR50_r"] = petro_r50
+    cols["petroR90_r"] = petro_r90
+    cols["fracDeV_r"] = frac_dev
+    cols["deVAB_r"] = dev_ab
+    cols["expAB_r"] = exp_ab
+    df = pd.DataFrame(cols)
+    for name, values in cols.items():
+        if name not in ("objid", "label", "n_arms", "arm_sign"):
+            df[name] = np.asarray(values, dtype=np.float64)
+    return df.sort_values("objid", kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- rendering
+def _get(row: Mapping[str, Any], key: str) -> Any:
+    try:
+        return row[key]
+    except (KeyError, IndexError):
+        oid = row.get("objid", "?") if hasattr(row, "get") else "?"
+        raise DataError(
+            f"catalogue row objid={oid}: missing column {key!r} needed to render the galaxy "
+            "(use a catalogue made by simulate_catalogue with these bands)"
+        ) from None
+
+
+def _incline(prof: galsim.GSObject, q: float, beta: galsim.Angle) -> galsim.GSObject:
+    """Squash ``prof`` along y by ``q`` (major axis unchanged), then orient it to ``beta``."""
+    if q >= 0.9999:
+        return prof
+    return prof.dilate(math.sqrt(q)).shear(q=q, beta=beta)
+
+
+def _smooth_field(shape: tuple[int, int], sigma_pix: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance Gaussian random field smoothed by a Gaussian of ``sigma_pix``."""
+    white = rng.standard_normal(shape)
+    ky = np.fft.fftfreq(shape[0])[:, None]
+    kx = np.fft.rfftfreq(shape[1])[None, :]
+    kernel = np.exp(-2.0 * (np.pi * sigma_pix) ** 2 * (kx**2 + ky**2))
+    field = np.fft.irfft2(np.fft.rfft2(white) * kernel, s=shape)
+    std = field.std()
+    return field / std if std > 0 else field
+
+
+def _arm_image(
+    row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator
+) -> galsim.InterpolatedImage:
+    """Face-on spiral-arm light (logarithmic spiral x exponential disc x clumps)."""
+    hlr = float(_get(row, "hlr_disc"))
+    rs = hlr / _B1  # exponential scale length
+    radius = 3.5 * hlr
+    step = pixel_scale / 2.0
+    m = int(2 * math.ceil(radius / step))
+    if m > _ARM_MAX_GRID:
+        m = _ARM_MAX_GRID
+        step = 2.0 * radius / m
+    m = max(m, 32)
+    coords = (np.arange(m) - (m - 1) / 2.0) * step
+    x, y = np.meshgrid(coords, coords)
+    r = np.hypot(x, y)
+    theta = np.arctan2(y, x)
+    n_arms = int(_get(row, "n_arms"))
+    tan_pitch = math.tan(math.radians(float(_get(row, "pitch_deg"))))
+    phase = math.radians(float(_get(row, "arm_phase_deg")))
+    sign = float(_get(row, "arm_sign")) or 1.0
+    spiral = n_arms * (theta - sign * np.log(np.maximum(r, 1e-3 * rs) / rs) / tan_pitch - phase)
+    arms = ((1.0 + np.cos(spiral)) / 2.0) ** _ARM_SHARPNESS
+    inner = 1.0 - np.exp(-((r / (0.7 * rs)) ** 2))  # the arms start outside the bulge
+    envelope = np.exp(-r / (1.15 * rs))
+    clumps = np.exp(
+        _ARM_CLUMPINESS * _smooth_field((m, m), _ARM_CLUMP_SIZE / step, rng)
+        - 0.5 * _ARM_CLUMPINESS**2
+    )
+    img = envelope * inner * arms * clumps
+    return galsim.InterpolatedImage(
+        galsim.Image(np.ascontiguousarray(img), scale=step),
+        flux=1.0,
+        x_interpolant="lanczos3",
+        pad_factor=2,
+        calculate_stepk=False,
+        calculate_maxk=False,
+    )
+
+
+def _components(
+    row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator
+) -> dict[str, galsim.GSObject]:
+    """Unit-flux GalSim profiles of the galaxy's light components (no PSF)."""
+    label = str(_get(row, "label"))
+    if label not in SIMULATED_CLASSES:
+        raise DataError(
+            f"catalogue row objid={_get(row, 'objid')}: label {label!r} is not one of "
+            f"{list(SIMULATED_CLASSES)}"
+        )
+    beta = (90.0 + float(_get(row, "pa_deg"))) * galsim.degrees  # PA east of north
+    q = float(_get(row, "q"))
+    comps: dict[str, galsim.GSObject] = {}
+    if float(_get(row, "bulge_frac")) > 0:
+        hlr_b = float(_get(row, "hlr_bulge"))
+        bulge = galsim.Sersic(
+            4, scale_radius=hlr_b / _B4**4, trunc=_DEV_TRUNC * hlr_b, flux=1.0
+        )
+        comps["bulge"] = _incline(bulge, float(_get(row, "q_bulge")), beta)
+    if label == "spiral":
+        disc = galsim.Exponential(half_light_radius=float(_get(row, "hlr_disc")))
+        comps["disc"] = _incline(disc, q, beta)
+        if float(_get(row, "arm_frac")) > 0:
+            comps["arms"] = _incline(_arm_image(row, pixel_scale, rng), q, beta)
+    elif label == "edge_on":
+        disc = galsim.InclinedExponential(
+            float(_get(row, "inclination_deg")) * galsim.degrees,
+            half_light_radius=float(_get(row, "hlr_disc")),
+            scale_h_over_r=float(_get(row, "disc_h_over_r")),
+        )
+        comps["disc"] = disc.rotate(beta)
+    return comps
+
+
+def _add_sdss_noise(
+    image: np.ndarray, band: str, pixel_scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Poisson (source + sky) and dark/read noise of an SDSS frame; sky subtracted.
+
+    ``image`` (nanomaggies, shape ``(ny, nx)``) -> noisy image of the same shape.
+    """
+    c = NMGY_PER_DN[band]
+    gain = GAIN[band]
+    sky = sky_nmgy_per_pixel(band, pixel_scale)
+    electrons = rng.poisson(np.clip(image + sky, 0.0, None) * (gain / c))
+    dn = electrons / gain + rng.normal(0.0, math.sqrt(DARK_VARIANCE[band]), image.shape)
+    return dn * c - sky
+
+
+def _check_size(size: object) -> int:
+    if not isinstance(size, int | np.integer) or isinstance(size, bool) or not 8 <= size <= 1024:
+        raise ConfigError(f"size: expected an integer cutout side in 8..1024 pixels, got {size!r}")
+    return int(size)
+
+
+def render_galaxy(
+    row: Mapping[str, Any],
+    *,
+    bands: Sequence[str],
+    size: int,
+    seed: int,
+    pixel_scale: float = PIXEL_SCALE,
+    noise: bool = True,
+) -> np.ndarray:
+    """Render one catalogue galaxy as an SDSS-like multi-band stamp.
+
+    Parameters
+    ----------
+    row : mapping
+        A row of :func:`simulate_catalogue` (``pandas.Series`` or dict) with
+        the truth columns and ``flux_<comp>_<band>`` for every band requested.
+    bands : sequence of str
+        Bands to render, in output order.
+    size : int
+        Stamp side in pixels; the galaxy is at the stamp's centre
+        (``((size - 1) / 2, (size - 1) / 2)`` in 0-based pixel coordinates,
+        the reference pixel of :func:`galpipe.io.tan_wcs`).
+    seed : int
+        Survey seed; with ``row['objid']`` it fixes every random number used
+        (arm clumps, noise), independently of any other galaxy.
+    pixel_scale : float
+        Arcsec per pixel.
+    noise : bool
+        Add sky-subtracted Poisson + read noise (``False``: the noiseless,
+        PSF-convolved model).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 nanomaggies per pixel, shape ``(len(bands), size, size)``.
+
+    Raises
+    ------
+    DataError
+        A column needed for rendering is missing or the label is unknown.
+    ConfigError
+        Bad ``bands``, ``size``, ``seed`` or ``pixel_scale``.
+    """
+    bands = validate_bands(bands)
+    size = _check_size(size)
+    seed = _check_seed(seed)
+    if not _is_number(pixel_scale) or not 0 < float(pixel_scale) <= 10:
+        raise ConfigError(f"pixel_scale: expected arcsec per pixel in (0, 10], got {pixel_scale!r}")
+    pixel_scale = float(pixel_scale)
+    objid = int(_get(row, "objid"))
+    rng = np.random.default_rng([seed, objid % 2**63])
+    comps = _components(row, pixel_scale, rng)
+    psf = galsim.Kolmogorov(fwhm=float(_get(row, "psf_fwhm")))
+    image = np.zeros((len(bands), size, size), dtype=np.float64)
+    for name, prof in comps.items():
+        fluxes = np.array([float(_get(row, f"flux_{name}_{b}")) for b in bands])
+        if not np.any(fluxes):
+            continue
+        stamp = galsim.Convolve(prof, psf).drawImage(
+            nx=size, ny=size, scale=pixel_scale, dtype=np.float64
+        )
+        image += fluxes[:, None, None] * stamp.array[None, :, :]
+    if noise:
+        for k, b in enumerate(bands):
+            image[k] = _add_sdss_noise(image[k], b, pixel_scale, rng)
+    return image.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- cutouts
+_REQUIRED = ("objid", "ra", "dec", "label")
+
+
+def _is_complete(path: Path, bands: Sequence[str], size: int, objid: int) -> bool:
+    """Whether ``path`` is a readable cutout of ``objid`` with ``bands`` and side ``size``."""
+    if not path.is_file():
+        return False
+    try:
+        cut = read_cutout(path, bands=bands)
+    except DataError:
+        return False
+    return cut.data.shape == (len(bands), size, size) and cut.objid == objid
+
+
+def make_cutouts(
+    catalogue: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    bands: Sequence[str],
+    size: int,
+    seed: int,
+    pixel_scale: float = PIXEL_SCALE,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Render every catalogue galaxy into ``out_dir/<objid>.fits`` (galpipe layout).
+
+    Files that already exist and read back with the right bands and shape are
+    kept untouched (a rerun resumes); missing or corrupt ones are (re)written
+    atomically.
+
+    Parameters
+    ----------
+    catalogue : pandas.DataFrame
+        Rows of :func:`simulate_catalogue` (any subset, e.g. one shard).
+    out_dir : path-like
+        Output directory (created if needed).
+    bands, size, seed, pixel_scale
+        As in :func:`render_galaxy`.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Manifest in catalogue order: ``objid`` (int64), ``path`` (str),
+        ``status`` (``"ok"``), ``reason`` (``""``), ``n_filled`` (0).
+
+    Raises
+    ------
+    DataError
+        Missing catalogue columns or duplicate ``objid``.
+    """
+    bands = validate_bands(bands)
+    size = _check_size(size)
+    seed = _check_seed(seed)
+    missing = [c for c in _REQUIRED if c not in catalogue.columns]
+    if missing:
+        raise DataError(f"simulated catalogue: missing column(s) {missing}; expected {_REQUIRED}")
+    if catalogue["objid"].duplicated().any():
+        dup = catalogue.loc[catalogue["objid"].duplicated(), "objid"].iloc[0]
+        raise DataError(f"simulated catalogue: objid {dup} appears more than once")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = catalogue.to_dict("records")
+    iterator: Any = records
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(records, desc="simulated cutouts", unit="galaxy")
+    rows = []
+    for rec in iterator:
+        objid = int(rec["objid"])
+        path = out / cutout_filename(objid)
+        if not _is_complete(path, bands, size, objid):
+            data = render_galaxy(rec, bands=bands, size=size, seed=seed, pixel_scale=pixel_scale)
+            write_cutout(
+                path,
+                data,
+                bands=bands,
+                objid=objid,
+                ra=float(rec["ra"]),
+                dec=float(rec["dec"]),
+                source="simulated",
+                bunit="nanomaggy",
+                pixel_scale=pixel_scale,
+                extra={"SIMSEED": (seed, "seed of the simulated survey")},
+            )
+        rows.append((objid, str(path), "ok", "", 0))
+    return pd.DataFrame(
+        {
+            "objid": np.array([r[0] for r in rows], dtype=np.int64),
+            "path": [r[1] for r in rows],
+            "status": ["ok"] * len(rows),
+            "reason": [""] * len(rows),
+            "n_filled": np.zeros(len(rows), dtype=np.int64),
+        }
+    )

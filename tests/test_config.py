@@ -1,0 +1,108 @@
+"""Config validation: defaults filled, bad values rejected naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from galpipe.config import deep_merge, fingerprint, load_config, resolve_experiments, validate_config
+from galpipe.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_file_is_valid_and_complete() -> None:
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert cfg["source"] == "simulated"
+    assert cfg["bands"] == ["g", "r", "i"]
+    assert cfg["split"]["fractions"] == {"train": 0.7, "validation": 0.15, "test": 0.15}
+    assert "small_cnn" in cfg["experiments"]
+
+
+def test_empty_config_gets_every_default() -> None:
+    cfg = validate_config({})
+    assert cfg["shards"] == 4 and cfg["cutout_size"] == 64 and cfg["seed"] == 42
+    assert cfg["simulated"]["region"]["ra_min"] == 150.0
+    assert cfg["training"]["schedule"]["type"] == "cosine"
+    assert cfg["evaluate"]["n_bootstrap"] == 1000
+
+
+def test_schema_documents_every_key() -> None:
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+    def walk(node: dict, path: str) -> None:
+        for name, sub in node.get("properties", {}).items():
+            assert "description" in sub, f"{path}.{name} has no description"
+            assert "default" in sub, f"{path}.{name} has no default"
+            walk(sub, f"{path}.{name}")
+
+    walk(schema, "config")
+    walk(schema["$defs"]["training"], "training")
+
+
+@pytest.mark.parametrize(
+    ("bad", "key"),
+    [
+        ({"shards": "four"}, "shards"),
+        ({"shards": 0}, "shards"),
+        ({"seed": -1}, "seed"),
+        ({"bands": ["g", "q"]}, "bands.1"),
+        ({"split": {"fractions": {"train": 1.5}}}, "split.fractions.train"),
+        ({"split": {"fractions": {"train": 0.5, "validation": 0.3, "test": 0.3}}}, "split.fractions"),
+        ({"training": {"lr": 0}}, "training.lr"),
+        ({"training": {"optimizer": "adagrad"}}, "training.optimizer"),
+        ({"normalise": {"clip": [1, 0]}}, "normalise.clip"),
+        ({"simulated": {"mag_r_range": [18, 14]}}, "simulated.mag_r_range"),
+        ({"experiments": {"a": {"architecture": 3}}}, "experiments.a.architecture"),
+        ({"experiments": {"a/../b": {"architecture": "x"}}}, "experiments"),
+        ({"source": "images"}, "images.directory"),
+        ({"cutout_size": 64.5}, "cutout_size"),
+    ],
+)
+def test_bad_values_name_the_key(bad: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        validate_config(bad)
+
+
+def test_unknown_keys_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'epoch'.*allowed keys: .*epochs"):
+        validate_config({"training": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate_config({"shard": 3})
+
+
+def test_experiment_overrides_merge_over_training_defaults(tmp_path: Path) -> None:
+    (tmp_path / "tiny.yaml").write_text("description: tiny\narchitecture: [flatten]\n")
+    cfg = validate_config({"training": {"epochs": 7, "lr": 0.01},
+                           "experiments": {"a": {"architecture": "tiny", "training": {"lr": 0.5}}}})
+    exps = resolve_experiments(cfg, [tmp_path])
+    assert exps["a"]["training"]["lr"] == 0.5
+    assert exps["a"]["training"]["epochs"] == 7  # not reset by the override's defaults
+    assert exps["a"]["description"] == "tiny"
+    assert exps["a"]["architecture"] == ["flatten"]
+
+
+def test_missing_preset_lists_available(tmp_path: Path) -> None:
+    (tmp_path / "one.yaml").write_text("architecture: [flatten]\n")
+    cfg = validate_config({"experiments": {"a": {"architecture": "two"}}})
+    with pytest.raises(ConfigError, match="available presets: one"):
+        resolve_experiments(cfg, [tmp_path])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_deep_merge_and_fingerprint_are_stable() -> None:
+    a = {"x": {"y": 1, "z": 2}, "w": [1]}
+    assert deep_merge(a, {"x": {"y": 5}}) == {"x": {"y": 5, "z": 2}, "w": [1]}
+    assert a["x"]["y"] == 1
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
