@@ -83,12 +83,13 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from galpipe.config import resolve_experiments
     from galpipe.experiment import train_experiment
+    from galpipe.stages import experiment_params
 
     cfg = _load(args)
     exps = resolve_experiments(cfg, _presets(args))
     if args.experiment not in exps:
         raise GalpipeError(f"experiment {args.experiment!r} not in the config; choose from {sorted(exps)}")
-    exp = {**exps[args.experiment], "seed": cfg["seed"]}
+    exp = experiment_params(cfg, exps[args.experiment])
     info = train_experiment(exp, args.train, args.validation, Path(args.output_dir) / "model.json",
                             name=args.experiment)
     print(json.dumps(info))

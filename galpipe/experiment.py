@@ -116,6 +116,7 @@ def train_experiment(exp: Mapping[str, Any], train: PathLike, validation: PathLi
         "inputs": exp.get("inputs", "image"), "classes": classes, "bands": meta.get("bands", []),
         "image_shape": meta["image_shape"], "normalisation": meta.get("normalisation", {}),
         "features": feature_info, "training": tcfg, "galpipe_version": __version__,
+        "preprocess": dict(exp.get("preprocess") or {}),
     }
     save_model(model, out_dir, metadata=metadata)
     history.to_csv(out_dir / "history.csv")

@@ -48,9 +48,17 @@ def stage_config(cfg: Mapping[str, Any], stage: str) -> dict[str, Any]:
                 "max_reject_fraction": cfg["max_reject_fraction"]}
     if stage == "split":
         return {"split": cfg["split"], "seed": cfg["seed"]}
+    if stage == "preprocess":  # what predict must redo on new images, stored with the model
+        crop = cfg["images"]["crop_fraction"] if source == "images" else 1.0
+        return {"source": source, "crop_fraction": crop, "cutout_size": cfg["cutout_size"]}
     if stage == "evaluate":
         return {"evaluate": cfg["evaluate"], "seed": cfg["seed"]}
     raise ConfigError(f"unknown stage {stage!r}")
+
+
+def experiment_params(cfg: Mapping[str, Any], experiment: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters of the train rule for one resolved experiment (seed and preprocessing added)."""
+    return {**experiment, "seed": cfg["seed"], "preprocess": stage_config(cfg, "preprocess")}
 
 
 def cutout_cache_dir(cfg: Mapping[str, Any], root: PathLike = "resources/cutouts") -> str:

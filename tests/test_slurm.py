@@ -101,7 +101,7 @@ def _slurm_unavailable() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 20 s: slurmctld not running?"
     if proc.returncode != 0:
-        return f"sinfo failed ({proc.stderr.strip()}): start the cluster with scripts/slurm/start.sh"
+        return f"sinfo failed ({proc.stderr.strip()}): run scripts/slurm/start.sh"
     states = set(proc.stdout.split())
     if not states & USABLE_NODE_STATES:
         return (

@@ -226,9 +226,9 @@ class Conv2D(Layer):
         if self.use_bias:
             self.params["b"] = np.zeros(self.filters, dtype=self.dtype)
         self._bufs.clear()
-        # A stride-1 kernel whose padding leaves at least one pixel of overlap can use
-        # the transposed-correlation input gradient (no scatter-add).
-        self._full_corr = (sh, sw) == (1, 1) and kh - 1 - pt >= 0 and kw - 1 - pl >= 0
+        # A stride-1 kernel padded by at most k - 1 on every side gets its input
+        # gradient as a correlation (im2col + GEMM) instead of a scatter-add.
+        self._full_corr = (sh, sw) == (1, 1) and max(pt, pb) < kh and max(pl, pr) < kw
         return (ho, wo, self.filters)
 
     def flops(self) -> int:
@@ -297,7 +297,7 @@ class Conv2D(Layer):
             np.matmul(block, wmat, out=out2[lo * m_per : hi * m_per])
 
         parallel_chunks(work, n)
-        self._cache = {"cols": cols, "n": n, "wmat": wmat} if training else {}
+        self._cache = {"cols": cols, "n": n, "wmat": wmat}
         return out
 
     # -- backward ------------------------------------------------------------------------
@@ -307,7 +307,7 @@ class Conv2D(Layer):
         Returns ``None`` when :attr:`input_grad_needed` is False.
         """
         if not self._cache:
-            raise ModelError("conv2d: backward called without a forward(training=True) pass")
+            raise ModelError("conv2d: backward called before forward")
         cols: np.ndarray = self._cache["cols"]
         n: int = self._cache["n"]
         wmat: np.ndarray = self._cache["wmat"]
@@ -324,44 +324,39 @@ class Conv2D(Layer):
         d2 = dout.reshape(n * m_per, f)
         need_dx = self.input_grad_needed
         dx = np.empty((n, h, w, c), dtype=dt) if need_dx else None
-        full = self._full_corr
-        if need_dx and full:
-            # dx = correlation of dout padded by (k-1-p) with the flipped, transposed kernel.
-            qt, qb, ql, qr = kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr
-            # rows/cols of dout beyond the input extent are dropped (negative q).
+        full = need_dx and self._full_corr
+        padded = pt or pb or pl or pr
+        if full:
+            # dx = correlation of dout, padded by (k - 1 - pad), with the flipped kernel
+            # transposed to (kh, kw, F, C): an im2col + GEMM, no scatter-add.
+            qt, ql = kh - 1 - pt, kw - 1 - pl
             wflip = np.ascontiguousarray(
-                self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2).astype(dt, copy=False)
+                self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2), dtype=dt
             ).reshape(kh * kw * f, c)
-            dpad = self._bufs.get(
-                "dpad", (n, ho + max(qt, 0) + max(qb, 0), wo + max(ql, 0) + max(qr, 0), f),
-                dt, zero=True,
-            )
+            dpad = self._bufs.get("dpad", (n, h + kh - 1, w + kw - 1, f), dt, zero=True)
             dcols = self._bufs.get("dcols_full", (n * h * w, kh * kw * f), dt)
         elif need_dx:
-            dxp = np.zeros((n, h + pt + pb, w + pl + pr, c), dtype=dt)
+            dxp = np.empty((n, h + pt + pb, w + pl + pr, c), dtype=dt) if padded else dx
             wt = np.ascontiguousarray(wmat[:k].T)
             dcols = self._bufs.get("dcols", (n * m_per, k), dt)
 
         def work(lo: int, hi: int) -> np.ndarray:
             r0, r1 = lo * m_per, hi * m_per
             gw = cols[r0:r1].T @ d2[r0:r1]
-            if need_dx and full:
+            if full:
                 assert dx is not None
-                y0, x0 = max(qt, 0), max(ql, 0)
-                crop_t, crop_l = max(-qt, 0), max(-ql, 0)
-                dpad[lo:hi, y0 : y0 + ho - crop_t - max(-qb, 0), x0 : x0 + wo - crop_l
-                     - max(-qr, 0), :] = dout[lo:hi, crop_t : ho - max(-qb, 0),
-                                              crop_l : wo - max(-qr, 0), :]
+                dpad[lo:hi, qt : qt + ho, ql : ql + wo, :] = dout[lo:hi]
                 blk = dcols[lo * h * w : hi * h * w]
                 im2col_rows(dpad[lo:hi], blk, kh, kw, 1, 1, h, w)
                 np.matmul(blk, wflip, out=dx[lo:hi].reshape(-1, c))
             elif need_dx:
-                assert dx is not None
+                assert dx is not None and dxp is not None
                 blk = dcols[r0:r1]
                 np.matmul(d2[r0:r1], wt, out=blk)
                 dxp[lo:hi] = 0.0
                 col2im_add(blk, dxp[lo:hi], kh, kw, sh, sw, ho, wo)
-                dx[lo:hi] = dxp[lo:hi, pt : pt + h, pl : pl + w, :]
+                if padded:
+                    dx[lo:hi] = dxp[lo:hi, pt : pt + h, pl : pl + w, :]
             return gw
 
         gw = sum_arrays(parallel_chunks(work, n))

@@ -51,9 +51,7 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 #: User-Agent sent with every galpipe download.
-USER_AGENT = f"galpipe/{__version__} (+https://github.com/galpipe/galpipe) python-requests/" + (
-    requests.__version__
-)
+USER_AGENT = f"galpipe/{__version__} (+https://github.com/galpipe/galpipe) python-requests/" + (requests.__version__)
 
 #: Minimum number of HDUs in an SDSS calibrated frame (image, calib vector, sky, astrometry).
 FRAME_MIN_HDUS = 4
@@ -132,15 +130,11 @@ class DownloadConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
-            raise ConfigError(
-                f"sdss.download: unknown key(s) {unknown}; expected some of {sorted(known)}"
-            )
+            raise ConfigError(f"sdss.download: unknown key(s) {unknown}; expected some of {sorted(known)}")
         return cls(**section)
 
 
-def _check_num(
-    key: str, value: object, lo: float, hi: float, *, low_open: bool = False
-) -> float:
+def _check_num(key: str, value: object, lo: float, hi: float, *, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     v = float(value)
@@ -318,10 +312,7 @@ def call_with_retries(
 def looks_like_html(data: bytes) -> bool:
     """True if ``data`` starts like an HTML (or XML error) document."""
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    return (
-        head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body"))
-        or b"<html" in head
-    )
+    return head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in head
 
 
 def _html_snippet(data: bytes, n: int = 120) -> str:
@@ -377,23 +368,17 @@ def parse_frame_bz2(data: bytes, *, expected_shape: Sequence[int] | None = None)
             with fits.open(io.BytesIO(raw), lazy_load_hdus=False, memmap=False) as hdul:
                 n_hdus = len(hdul)
                 if n_hdus < FRAME_MIN_HDUS:
-                    raise VerificationError(
-                        f"frame has {n_hdus} HDU(s), expected at least {FRAME_MIN_HDUS}"
-                    )
+                    raise VerificationError(f"frame has {n_hdus} HDU(s), expected at least {FRAME_MIN_HDUS}")
                 info = hdul[-1].fileinfo()
                 if info is None or info["datLoc"] + info["datSpan"] > len(raw):
-                    raise VerificationError(
-                        f"FITS frame is truncated ({len(raw)} bytes decompressed)"
-                    )
+                    raise VerificationError(f"FITS frame is truncated ({len(raw)} bytes decompressed)")
                 header = hdul[0].header.copy()
                 image = hdul[0].data
                 if image is None or image.ndim != 2:
                     shape = None if image is None else image.shape
                     raise VerificationError(f"frame HDU 0 is not a 2-D image (shape {shape})")
                 if expected_shape is not None and tuple(image.shape) != tuple(expected_shape):
-                    raise VerificationError(
-                        f"frame HDU 0 has shape {image.shape}, expected {tuple(expected_shape)}"
-                    )
+                    raise VerificationError(f"frame HDU 0 has shape {image.shape}, expected {tuple(expected_shape)}")
                 pixels = np.array(image, dtype=np.float32)
                 wcs = WCS(header, naxis=2)
         except VerificationError:
@@ -479,9 +464,7 @@ class Downloader:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
-            adapter = requests.adapters.HTTPAdapter(
-                pool_connections=4, pool_maxsize=4, max_retries=0
-            )
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -502,16 +485,12 @@ class Downloader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _attempt(
-        self, url: str, params: Mapping[str, Any] | None, parse: Callable[[bytes], T]
-    ) -> tuple[bytes, T]:
+    def _attempt(self, url: str, params: Mapping[str, Any] | None, parse: Callable[[bytes], T]) -> tuple[bytes, T]:
         cfg = self.config
         with self._count_lock:
             self.n_requests += 1
         try:
-            with self._session().get(
-                url, params=params, timeout=(cfg.timeout_s, cfg.timeout_s), stream=True
-            ) as resp:
+            with self._session().get(url, params=params, timeout=(cfg.timeout_s, cfg.timeout_s), stream=True) as resp:
                 status = resp.status_code
                 if status != 200:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))

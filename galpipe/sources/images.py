@@ -67,16 +67,14 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
     missing = [f"{v} (images.{k})" for k, v in cols.items() if v not in df.columns]
     if missing:
         raise DataError(
-            f"labels CSV {csv}: missing column(s) {', '.join(missing)}; "
-            f"columns present: {list(df.columns)}"
+            f"labels CSV {csv}: missing column(s) {', '.join(missing)}; columns present: {list(df.columns)}"
         )
     ids = df[cols["id_column"]].str.strip()
     bad = ~ids.str.fullmatch(r"-?\d{1,19}")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row]!r} in column "
-            f"{cols['id_column']!r} is not an integer"
+            f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row]!r} in column {cols['id_column']!r} is not an integer"
         )
     try:
         objid = ids.map(int)
@@ -217,11 +215,15 @@ def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
                 if hdu is None:
                     raise DataError(f"image {p}: FITS file has no image HDU with NAXIS >= 2")
                 naxes = [int(hdu.header.get(f"NAXIS{k}", 0)) for k in range(1, int(hdu.header["NAXIS"]) + 1)]
-                if len(naxes) > 3 or any(n <= 0 or n > MAX_FITS_SIDE for n in naxes) or (
-                    len(naxes) == 3 and naxes[2] > 16
+                if (
+                    len(naxes) > 3
+                    or any(n <= 0 or n > MAX_FITS_SIDE for n in naxes)
+                    or (len(naxes) == 3 and naxes[2] > 16)
                 ):
-                    raise DataError(f"image {p}: FITS axes {naxes} are out of range (at most 3 axes, "
-                                    f"sides 1..{MAX_FITS_SIDE}, at most 16 bands)")
+                    raise DataError(
+                        f"image {p}: FITS axes {naxes} are out of range (at most 3 axes, "
+                        f"sides 1..{MAX_FITS_SIDE}, at most 16 bands)"
+                    )
                 raw = np.asarray(hdu.data, dtype=np.float32)
                 data = raw[None] if raw.ndim == 2 else raw
                 bunit = str(hdu.header.get("BUNIT", "nanomaggy")) or "nanomaggy"
@@ -244,8 +246,9 @@ def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
     return out, bunit, bands
 
 
-def make_cutouts(catalogue: pd.DataFrame, out_dir: str | Path, *, size: int,
-                 params: Mapping[str, Any], progress: bool = False) -> pd.DataFrame:
+def make_cutouts(
+    catalogue: pd.DataFrame, out_dir: str | Path, *, size: int, params: Mapping[str, Any], progress: bool = False
+) -> pd.DataFrame:
     """Convert the images of a catalogue shard into cutout FITS files.
 
     A cutout that already exists and verifies is kept (a rerun resumes).  An
@@ -281,8 +284,17 @@ def make_cutouts(catalogue: pd.DataFrame, out_dir: str | Path, *, size: int,
                 pass  # corrupt or stale: rebuild it
         try:
             data, bunit, bands = load_image(row.image_path, size=size, crop_fraction=crop)
-            write_cutout(dest, data, bands=bands, objid=objid, ra=float(row.ra), dec=float(row.dec),
-                         source="images", bunit=bunit, pixel_scale=0.0)
+            write_cutout(
+                dest,
+                data,
+                bands=bands,
+                objid=objid,
+                ra=float(row.ra),
+                dec=float(row.dec),
+                source="images",
+                bunit=bunit,
+                pixel_scale=0.0,
+            )
             rows.append((objid, str(dest), "ok", "", 0))
         except DataError as exc:
             rows.append((objid, "", "failed", str(exc), 0))

@@ -198,8 +198,7 @@ LABEL_COLUMNS["gz1_fractions"] = LABEL_COLUMNS["gz1_flags"]
 
 _FROM: dict[str, str] = {
     "gz1_flags": (
-        "FROM ZooSpec AS z JOIN PhotoObj AS p ON p.objid = z.objid "
-        "JOIN SpecObj AS s ON s.specobjid = z.specobjid"
+        "FROM ZooSpec AS z JOIN PhotoObj AS p ON p.objid = z.objid JOIN SpecObj AS s ON s.specobjid = z.specobjid"
     ),
     "gz2": (
         "FROM zoo2MainSpecz AS z JOIN PhotoObj AS p ON p.objid = z.dr8objid "
@@ -266,9 +265,7 @@ def check_number(key: str, value: object, lo: float, hi: float) -> float:
         names ``key``.
     """
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ConfigError(
-            f"{key}: expected a number in [{lo}, {hi}], got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {type(value).__name__} {value!r}")
     v = float(value)
     if not math.isfinite(v) or not lo <= v <= hi:
         raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {value!r}")
@@ -278,9 +275,7 @@ def check_number(key: str, value: object, lo: float, hi: float) -> float:
 def check_integer(key: str, value: object, lo: int, hi: int) -> int:
     """Return ``value`` as an int in ``[lo, hi]`` (no bools, no strings, no floats)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(
-            f"{key}: expected an integer in [{lo}, {hi}], got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {type(value).__name__} {value!r}")
     if not lo <= int(value) <= hi:
         raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {value!r}")
     return int(value)
@@ -330,9 +325,7 @@ def label_scheme(params: Mapping[str, Any] | None) -> str:
     """The validated ``sdss.labels.scheme``."""
     scheme = _lookup(params, "labels.scheme")
     if not isinstance(scheme, str) or scheme not in SCHEME_CLASSES:
-        raise ConfigError(
-            f"sdss.labels.scheme: expected one of {sorted(SCHEME_CLASSES)}, got {scheme!r}"
-        )
+        raise ConfigError(f"sdss.labels.scheme: expected one of {sorted(SCHEME_CLASSES)}, got {scheme!r}")
     return scheme
 
 
@@ -340,31 +333,24 @@ def _fractions(params: Mapping[str, Any] | None) -> dict[str, dict[str, tuple[fl
     """Validated ``sdss.labels.fractions``: class -> column -> (min, max)."""
     raw = _lookup(params, "labels.fractions")
     if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(
-            "sdss.labels.fractions: expected a non-empty mapping class -> {column: threshold}"
-        )
+        raise ConfigError("sdss.labels.fractions: expected a non-empty mapping class -> {column: threshold}")
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for cls, conds in raw.items():
         key = f"sdss.labels.fractions.{cls}"
         if not isinstance(cls, str) or not _LABEL_NAME.match(cls):
-            raise ConfigError(
-                f"sdss.labels.fractions: class name {cls!r} must match {_LABEL_NAME.pattern}"
-            )
+            raise ConfigError(f"sdss.labels.fractions: class name {cls!r} must match {_LABEL_NAME.pattern}")
         if not isinstance(conds, Mapping) or not conds:
             raise ConfigError(f"{key}: expected a non-empty mapping column -> threshold")
         out[cls] = {}
         for col, spec in conds.items():
             if col not in GZ1_FRACTION_COLUMNS:
                 raise ConfigError(
-                    f"{key}: column {col!r} is not a GZ1 vote fraction; "
-                    f"expected one of {list(GZ1_FRACTION_COLUMNS)}"
+                    f"{key}: column {col!r} is not a GZ1 vote fraction; expected one of {list(GZ1_FRACTION_COLUMNS)}"
                 )
             if isinstance(spec, Mapping):
                 extra = set(spec) - {"min", "max"}
                 if extra or not spec:
-                    raise ConfigError(
-                        f"{key}.{col}: expected keys 'min' and/or 'max', got {sorted(spec)}"
-                    )
+                    raise ConfigError(f"{key}.{col}: expected keys 'min' and/or 'max', got {sorted(spec)}")
                 lo = check_number(f"{key}.{col}.min", spec.get("min", 0.0), 0.0, 1.0)
                 hi = check_number(f"{key}.{col}.max", spec.get("max", 1.0), 0.0, 1.0)
                 if lo > hi:
@@ -386,15 +372,12 @@ def label_classes(params: Mapping[str, Any] | None) -> list[str]:
     if classes is None:
         classes = list(known if scheme == "gz1_fractions" else SCHEME_DEFAULT_CLASSES[scheme])
     if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
-        raise ConfigError(
-            f"sdss.labels.classes: expected a non-empty list of class names, got {classes!r}"
-        )
+        raise ConfigError(f"sdss.labels.classes: expected a non-empty list of class names, got {classes!r}")
     out: list[str] = []
     for cls in classes:
         if not isinstance(cls, str) or cls not in known:
             raise ConfigError(
-                f"sdss.labels.classes: {cls!r} is not a class of scheme {scheme!r}; "
-                f"expected some of {list(known)}"
+                f"sdss.labels.classes: {cls!r} is not a class of scheme {scheme!r}; expected some of {list(known)}"
             )
         if cls in out:
             raise ConfigError(f"sdss.labels.classes: {cls!r} is listed twice")
@@ -441,9 +424,7 @@ def build_selection_where(params: Mapping[str, Any] | None) -> list[str]:
         ("petro_r90_r_min", r90_min, "petro_r90_r_max", r90_max),
     ):
         if lo > hi:
-            raise ConfigError(
-                f"sdss.selection.{lo_key} ({lo}) is larger than sdss.selection.{hi_key} ({hi})"
-            )
+            raise ConfigError(f"sdss.selection.{lo_key} ({lo}) is larger than sdss.selection.{hi_key} ({hi})")
     where: list[str] = []
     if ra_min <= ra_max:
         if not (ra_min == 0.0 and ra_max == 360.0):
@@ -461,9 +442,7 @@ def build_class_where(params: Mapping[str, Any] | None, label: str) -> list[str]
     """SQL conditions that define class ``label`` under the configured scheme."""
     scheme = label_scheme(params)
     if label not in label_classes(params):
-        raise ConfigError(
-            f"sdss.labels.classes: {label!r} is not a selected class of scheme {scheme!r}"
-        )
+        raise ConfigError(f"sdss.labels.classes: {label!r} is not a selected class of scheme {scheme!r}")
     if scheme == "gz1_flags":
         return [f"z.{label} = 1", "z.uncertain = 0"]
     if scheme == "gz1_fractions":
@@ -491,9 +470,7 @@ def select_columns(scheme: str) -> list[tuple[str, str]]:
     return [(f"p.{c}", c) for c in PHOTO_COLUMNS] + list(LABEL_COLUMNS[scheme])
 
 
-def build_page_sql(
-    params: Mapping[str, Any] | None, label: str, *, top: int, after_objid: int = 0
-) -> str:
+def build_page_sql(params: Mapping[str, Any] | None, label: str, *, top: int, after_objid: int = 0) -> str:
     """SQL of one keyset page of class ``label``.
 
     Parameters
@@ -516,25 +493,18 @@ def build_page_sql(
     top = check_integer("top", top, 1, 500_000)
     after = check_integer("after_objid", after_objid, 0, MAX_OBJID)
     cols = ", ".join(
-        expr if expr.split(".", 1)[1] == name else f"{expr} AS {name}"
-        for expr, name in select_columns(scheme)
+        expr if expr.split(".", 1)[1] == name else f"{expr} AS {name}" for expr, name in select_columns(scheme)
     )
     where = build_class_where(params, label) + build_selection_where(params)
     where.append(f"p.objid > {sql_int(after)}")
-    return (
-        f"SELECT TOP {sql_int(top)} {cols} {_FROM[scheme]} "
-        f"WHERE {' AND '.join(where)} ORDER BY p.objid"
-    )
+    return f"SELECT TOP {sql_int(top)} {cols} {_FROM[scheme]} WHERE {' AND '.join(where)} ORDER BY p.objid"
 
 
 def build_queries(params: Mapping[str, Any] | None) -> dict[str, str]:
     """First-page SQL of every selected class (a dry run of what will be sent)."""
     page = query_settings(params)["page_size"]
     n = _integer(params, "selection.n_per_class", 1, 10_000_000)
-    return {
-        label: build_page_sql(params, label, top=min(page, n))
-        for label in label_classes(params)
-    }
+    return {label: build_page_sql(params, label, top=min(page, n)) for label in label_classes(params)}
 
 
 def query_settings(params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -544,9 +514,7 @@ def query_settings(params: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(f"sdss.query: expected a mapping, got {section!r}")
     unknown = sorted(set(section) - set(DEFAULTS["query"]))
     if unknown:
-        raise ConfigError(
-            f"sdss.query: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS['query'])}"
-        )
+        raise ConfigError(f"sdss.query: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS['query'])}")
     return {
         "page_size": _integer(params, "query.page_size", 1, 500_000),
         "max_queries_per_minute": _number(params, "query.max_queries_per_minute", 0.0, 6000.0),
@@ -598,9 +566,7 @@ def _run_query(
     def attempt() -> pd.DataFrame | None:
         stats["queries"] = stats.get("queries", 0) + 1
         try:
-            table = sdss.query_sql(
-                sql, data_release=dr, timeout=settings["timeout_s"], cache=False
-            )
+            table = sdss.query_sql(sql, data_release=dr, timeout=settings["timeout_s"], cache=False)
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status in RETRY_STATUSES:
@@ -608,17 +574,14 @@ def _run_query(
                     exc.response.headers.get("Retry-After") if exc.response is not None else None
                 )
                 raise RetryableError(f"HTTP {status}", retry_after) from exc
-            raise SourceError(
-                f"SkyServer DR{dr} refused the query (HTTP {status}): {sql[:160]}..."
-            ) from exc
+            raise SourceError(f"SkyServer DR{dr} refused the query (HTTP {status}): {sql[:160]}...") from exc
         except (requests.Timeout, requests.ConnectionError) as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
         except requests.exceptions.ChunkedEncodingError as exc:
             raise RetryableError(f"truncated response ({exc})") from exc
         except RemoteServiceError as exc:
             raise SourceError(
-                f"SkyServer DR{dr} reported an error for the query: "
-                f"{' '.join(str(exc).split())[:300]}"
+                f"SkyServer DR{dr} reported an error for the query: {' '.join(str(exc).split())[:300]}"
             ) from exc
         except ValueError as exc:  # astropy's CSV reader choking on an HTML page
             if junk_left[0] > 0:
@@ -639,7 +602,18 @@ def _run_query(
                 f"SkyServer DR{dr} answered with a table lacking columns {missing[:5]} "
                 f"(an HTML error page served with status 200?); got: {_snippet(table)!r}"
             )
-        return table.to_pandas()
+        frame = table.to_pandas()
+        incomplete = frame[list(expected)].isna().any(axis=1)
+        if incomplete.any():
+            row = int(np.flatnonzero(incomplete.to_numpy())[0])
+            if junk_left[0] > 0:
+                junk_left[0] -= 1
+                raise RetryableError(f"incomplete CSV row {row} (truncated answer?)")
+            raise SourceError(
+                f"SkyServer DR{dr} answered with an incomplete CSV table (row {row} has "
+                f"missing values; truncated answer?): {_snippet(table)!r}"
+            )
+        return frame
 
     try:
         result, _ = call_with_retries(
@@ -752,7 +726,11 @@ def query_catalogue(
                 sql = build_page_sql(params, label, top=top, after_objid=last)
                 sqls.append(sql)
                 page = _run_query(
-                    sql, dr=dr, settings=settings, limiter=limiter, expected=expected,
+                    sql,
+                    dr=dr,
+                    settings=settings,
+                    limiter=limiter,
+                    expected=expected,
                     stats=stats,
                 )
                 if page is None or page.empty:

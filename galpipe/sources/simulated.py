@@ -119,12 +119,18 @@ COMPONENTS: tuple[str, ...] = ("bulge", "disc", "arms")
 COMPONENT_COLOURS: dict[str, tuple[float, float, float, float]] = {
     "elliptical": (1.80, 0.78, 0.40, 0.33),  # red sequence at z ~ 0.1
     "bulge": (1.70, 0.74, 0.39, 0.31),  # bulges of discs
-    "disc": (1.25, 0.55, 0.30, 0.20),  # smooth (old) disc light
+    "disc": (1.35, 0.60, 0.32, 0.22),  # smooth (old) disc light
     "arms": (0.95, 0.28, 0.15, 0.05),  # young stars in the arms
     "edge_disc": (1.55, 0.68, 0.38, 0.28),  # edge-on disc, reddened by dust
 }
 #: Per-galaxy Gaussian scatter of each colour (u-g, g-r, r-i, i-z), mag.
 COLOUR_SCATTER: tuple[float, float, float, float] = (0.10, 0.035, 0.03, 0.03)
+#: Per-galaxy shift of all components' colours: ``delta * _POPULATION_SHIFT`` with
+#: ``delta`` ~ N(0, sigma), sigma per class (elliptical, spiral, edge_on), in g-r mag.
+_POPULATION_SHIFT = (1.5, 1.0, 0.5, 0.4)
+_POPULATION_SCATTER = (0.03, 0.09, 0.06)
+#: Fraction of ellipticals with recent star formation (bluer by 0.05-0.25 in g-r).
+_BLUE_ELLIPTICAL_FRACTION = 0.08
 
 _OBJID_BASE = 1_237_650_000_000_000_000
 _COUNT_SLOPE = 0.55  # d log10 N / dm of the r-band number counts
@@ -189,9 +195,7 @@ def validate_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(f"simulated: expected a mapping of settings, got {params!r}")
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(
-            f"simulated: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}"
-        )
+        raise ConfigError(f"simulated: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}")
     merged: dict[str, Any] = {**DEFAULTS, **params}
     out: dict[str, Any] = {}
 
@@ -202,22 +206,17 @@ def validate_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
     fr = merged["class_fractions"]
     if not isinstance(fr, Mapping):
-        raise ConfigError(
-            f"simulated.class_fractions: expected a mapping class -> weight, got {fr!r}"
-        )
+        raise ConfigError(f"simulated.class_fractions: expected a mapping class -> weight, got {fr!r}")
     bad = sorted(set(fr) - set(SIMULATED_CLASSES), key=str)
     if bad:
         raise ConfigError(
-            f"simulated.class_fractions: unknown class(es) {bad}; "
-            f"expected some of {list(SIMULATED_CLASSES)}"
+            f"simulated.class_fractions: unknown class(es) {bad}; expected some of {list(SIMULATED_CLASSES)}"
         )
     weights = []
     for cls in SIMULATED_CLASSES:
         w = fr.get(cls, 0.0)
         if not _is_number(w) or not math.isfinite(float(w)) or float(w) < 0:
-            raise ConfigError(
-                f"simulated.class_fractions.{cls}: expected a finite weight >= 0, got {w!r}"
-            )
+            raise ConfigError(f"simulated.class_fractions.{cls}: expected a finite weight >= 0, got {w!r}")
         weights.append(float(w))
     total = sum(weights)
     if total <= 0:
@@ -236,22 +235,16 @@ def validate_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         or not 5.0 <= float(rng_[0]) < float(rng_[1]) <= 30.0
     ):
         raise ConfigError(
-            f"simulated.mag_r_range: expected [min, max] magnitudes with 5 <= min < max <= 30, "
-            f"got {rng_!r}"
+            f"simulated.mag_r_range: expected [min, max] magnitudes with 5 <= min < max <= 30, got {rng_!r}"
         )
     out["mag_r_range"] = [float(rng_[0]), float(rng_[1])]
 
     region = merged["region"]
     if not isinstance(region, Mapping):
-        raise ConfigError(
-            f"simulated.region: expected a mapping with ra_min, ra_max, dec_min, dec_max, "
-            f"got {region!r}"
-        )
+        raise ConfigError(f"simulated.region: expected a mapping with ra_min, ra_max, dec_min, dec_max, got {region!r}")
     bad = sorted(set(region) - set(DEFAULTS["region"]), key=str)
     if bad:
-        raise ConfigError(
-            f"simulated.region: unknown key(s) {bad}; expected ra_min, ra_max, dec_min, dec_max"
-        )
+        raise ConfigError(f"simulated.region: unknown key(s) {bad}; expected ra_min, ra_max, dec_min, dec_max")
     reg = {**DEFAULTS["region"], **region}
     for key, value in reg.items():
         if not _is_number(value) or not math.isfinite(float(value)):
@@ -416,9 +409,7 @@ def _petrosian(
     i0 = np.clip(np.floor(fw).astype(np.int64), 0, nb - 2)
     tw = fw - i0
     lrho = np.log10(r_bulge / r_disc)
-    fr = (np.clip(lrho, _TAB_LRHO[0], _TAB_LRHO[-1]) - _TAB_LRHO[0]) / (
-        _TAB_LRHO[1] - _TAB_LRHO[0]
-    )
+    fr = (np.clip(lrho, _TAB_LRHO[0], _TAB_LRHO[-1]) - _TAB_LRHO[0]) / (_TAB_LRHO[1] - _TAB_LRHO[0])
     j0 = np.clip(np.floor(fr).astype(np.int64), 0, nr - 2)
     tr = fr - j0
     vals = np.empty((3, w_bulge.shape[0]))
@@ -453,9 +444,7 @@ def _mag_offsets(colours: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- catalogue
-def simulate_catalogue(
-    params: Mapping[str, Any] | None, *, seed: int, bands: Sequence[str]
-) -> pd.DataFrame:
+def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Sequence[str]) -> pd.DataFrame:
     """Draw the truth and the SDSS-like measured catalogue of a simulated survey.
 
     Parameters
@@ -519,9 +508,7 @@ def simulate_catalogue(
     mag_r = np.clip(mag_r, lo, hi)
 
     # ---- PSF
-    psf_fwhm = p["psf_fwhm"] * np.clip(
-        np.exp(rng.normal(0.0, _PSF_JITTER, n)), *_PSF_JITTER_CLIP
-    )
+    psf_fwhm = p["psf_fwhm"] * np.clip(np.exp(rng.normal(0.0, _PSF_JITTER, n)), *_PSF_JITTER_CLIP)
 
     # ---- sizes (major-axis half-light radius of the main component)
     size_noise = rng.normal(0.0, 1.0, n)
@@ -561,6 +548,9 @@ def simulate_catalogue(
     n_arms = np.where(is_spi, n_arms_draw, 0).astype(np.int64)
     arm_frac = np.where(is_spi, (1.0 - bulge_frac) * strength, 0.0)
     disc_frac = 1.0 - bulge_frac - arm_frac
+    n_ell = rng.choice(np.asarray(_ELL_SERSIC[0]), size=n, p=_ELL_SERSIC[1])
+    n_blg = rng.choice(np.asarray(_BULGE_SERSIC[0]), size=n, p=_BULGE_SERSIC[1])
+    n_bulge = np.where(is_ell, n_ell, n_blg)
 
     # ---- colours per component (all five bands drawn, whatever ``bands`` is)
     scatter = np.asarray(COLOUR_SCATTER)
@@ -568,33 +558,37 @@ def simulate_catalogue(
         kind: np.asarray(COMPONENT_COLOURS[kind]) + scatter * rng.normal(0.0, 1.0, (n, 4))
         for kind in ("elliptical", "bulge", "disc", "arms", "edge_disc")
     }
-    bulge_col = np.where(is_ell[:, None], col["elliptical"], col["bulge"])
-    disc_col = np.where(is_edge[:, None], col["edge_disc"], col["disc"])
+    # a per-galaxy shift of the whole stellar population (age, dust, metallicity)
+    shift = rng.normal(0.0, 1.0, n) * np.select([is_ell, is_spi], list(_POPULATION_SCATTER[:2]), _POPULATION_SCATTER[2])
+    blue_ell = is_ell & (rng.uniform(0.0, 1.0, n) < _BLUE_ELLIPTICAL_FRACTION)
+    shift = shift - np.where(blue_ell, rng.uniform(0.05, 0.25, n), 0.0)
+    shift_vec = shift[:, None] * np.asarray(_POPULATION_SHIFT)[None, :]
+    bulge_col = np.where(is_ell[:, None], col["elliptical"], col["bulge"]) + shift_vec
+    disc_col = np.where(is_edge[:, None], col["edge_disc"], col["disc"]) + shift_vec
     offsets = {
         "bulge": _mag_offsets(bulge_col),
         "disc": _mag_offsets(disc_col),
-        "arms": _mag_offsets(col["arms"]),
+        "arms": _mag_offsets(col["arms"] + shift_vec),
     }
     flux_r = mag_to_nmgy(mag_r)
     comp_r = {"bulge": flux_r * bulge_frac, "disc": flux_r * disc_frac, "arms": flux_r * arm_frac}
-    comp_flux = {
-        (c, b): comp_r[c] * 10 ** (-0.4 * offsets[c][b]) for c in COMPONENTS for b in SDSS_BANDS
-    }
+    comp_flux = {(c, b): comp_r[c] * 10 ** (-0.4 * offsets[c][b]) for c in COMPONENTS for b in SDSS_BANDS}
 
     # ---- measured quantities: Petrosian photometry on the seeing-broadened profile
     psf_r = _PSF_HLR_PER_FWHM * psf_fwhm
     rb_eff = np.hypot(hlr_bulge * np.sqrt(q_bulge), psf_r)
     rd_eff = np.hypot(np.where(is_ell, hlr_bulge, hlr_disc) * np.sqrt(q), psf_r)
-    petro = _petrosian(bulge_frac, rb_eff, rd_eff)
+    petro = _petrosian(n_bulge, bulge_frac, rb_eff, rd_eff)
     area_pix = np.pi * (2.0 * petro["petroRad"] / p["pixel_scale"]) ** 2
     meas_noise = rng.normal(0.0, 1.0, (n, len(SDSS_BANDS)))
     petro_mag: dict[str, np.ndarray] = {}
     petro_err: dict[str, np.ndarray] = {}
     snr_r = np.ones(n)
     for k, b in enumerate(SDSS_BANDS):
-        f_p = comp_flux["bulge", b] * petro["frac_bulge"] + (
-            comp_flux["disc", b] + comp_flux["arms", b]
-        ) * petro["frac_disc"]
+        f_p = (
+            comp_flux["bulge", b] * petro["frac_bulge"]
+            + (comp_flux["disc", b] + comp_flux["arms", b]) * petro["frac_disc"]
+        )
         var = (
             f_p * NMGY_PER_DN[b] / GAIN[b]
             + area_pix * pixel_noise_sigma(b, p["pixel_scale"]) ** 2
@@ -607,12 +601,13 @@ def simulate_catalogue(
         if b == "r":
             snr_r = f_p / sigma
     size_noise = rng.normal(0.0, 1.0, (n, 3))
-    rel = 0.02 + 0.5 / snr_r
+    rel = 0.04 + 0.5 / snr_r
     petro_r50 = petro["r50"] * np.exp(rel * size_noise[:, 0])
     petro_r90 = np.maximum(petro["r90"] * np.exp(rel * size_noise[:, 1]), 1.05 * petro_r50)
     petro_rad = petro["petroRad"] * np.exp(rel * size_noise[:, 2])
     frac_sigma = 0.08 + 0.06 * (mag_r - 14.0) / 3.77
-    frac_dev = np.clip(bulge_frac + frac_sigma * rng.normal(0.0, 1.0, n), 0.0, 1.0)
+    dev_like = bulge_frac * np.clip((n_bulge - 1.0) / 3.0, 0.0, 1.0)  # n=4 -> 1, n=2 -> 1/3
+    frac_dev = np.clip(dev_like + frac_sigma * rng.normal(0.0, 1.0, n), 0.0, 1.0)
     # seeing-rounded axis ratio from second moments (Gaussian-equivalent sizes)
     s_gal = (bulge_frac * hlr_bulge + (1.0 - bulge_frac) * hlr_disc) / 1.1774
     q_gal = bulge_frac * q_bulge + (1.0 - bulge_frac) * q
@@ -635,6 +630,7 @@ def simulate_catalogue(
         "hlr_bulge": hlr_bulge,
         "hlr_disc": hlr_disc,
         "bulge_frac": bulge_frac,
+        "n_bulge": n_bulge,
         "arm_frac": arm_frac,
         "n_arms": n_arms,
         "pitch_deg": np.where(is_spi, pitch, 0.0),
@@ -694,9 +690,7 @@ def _smooth_field(shape: tuple[int, int], sigma_pix: float, rng: np.random.Gener
     return field / std if std > 0 else field
 
 
-def _arm_image(
-    row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator
-) -> galsim.InterpolatedImage:
+def _arm_image(row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator) -> galsim.InterpolatedImage:
     """Face-on spiral-arm light (logarithmic spiral x exponential disc x clumps)."""
     hlr = float(_get(row, "hlr_disc"))
     rs = hlr / _B1  # exponential scale length
@@ -719,10 +713,7 @@ def _arm_image(
     arms = ((1.0 + np.cos(spiral)) / 2.0) ** _ARM_SHARPNESS
     inner = 1.0 - np.exp(-((r / (0.7 * rs)) ** 2))  # the arms start outside the bulge
     envelope = np.exp(-r / (1.15 * rs))
-    clumps = np.exp(
-        _ARM_CLUMPINESS * _smooth_field((m, m), _ARM_CLUMP_SIZE / step, rng)
-        - 0.5 * _ARM_CLUMPINESS**2
-    )
+    clumps = np.exp(_ARM_CLUMPINESS * _smooth_field((m, m), _ARM_CLUMP_SIZE / step, rng) - 0.5 * _ARM_CLUMPINESS**2)
     img = envelope * inner * arms * clumps
     return galsim.InterpolatedImage(
         galsim.Image(np.ascontiguousarray(img), scale=step),
@@ -734,15 +725,12 @@ def _arm_image(
     )
 
 
-def _components(
-    row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator
-) -> dict[str, galsim.GSObject]:
+def _components(row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator) -> dict[str, galsim.GSObject]:
     """Unit-flux GalSim profiles of the galaxy's light components (no PSF)."""
     label = str(_get(row, "label"))
     if label not in SIMULATED_CLASSES:
         raise DataError(
-            f"catalogue row objid={_get(row, 'objid')}: label {label!r} is not one of "
-            f"{list(SIMULATED_CLASSES)}"
+            f"catalogue row objid={_get(row, 'objid')}: label {label!r} is not one of {list(SIMULATED_CLASSES)}"
         )
     beta = (90.0 + float(_get(row, "pa_deg"))) * galsim.degrees  # PA east of north
     q = float(_get(row, "q"))
@@ -750,7 +738,10 @@ def _components(
     if float(_get(row, "bulge_frac")) > 0:
         hlr_b = float(_get(row, "hlr_bulge"))
         bulge = galsim.Sersic(
-            4, scale_radius=hlr_b / _B4**4, trunc=_DEV_TRUNC * hlr_b, flux=1.0
+            float(_get(row, "n_bulge")),
+            half_light_radius=hlr_b,
+            trunc=_SERSIC_TRUNC * hlr_b,
+            flux=1.0,
         )
         comps["bulge"] = _incline(bulge, float(_get(row, "q_bulge")), beta)
     if label == "spiral":
@@ -768,9 +759,7 @@ def _components(
     return comps
 
 
-def _add_sdss_noise(
-    image: np.ndarray, band: str, pixel_scale: float, rng: np.random.Generator
-) -> np.ndarray:
+def _add_sdss_noise(image: np.ndarray, band: str, pixel_scale: float, rng: np.random.Generator) -> np.ndarray:
     """Poisson (source + sky) and dark/read noise of an SDSS frame; sky subtracted.
 
     ``image`` (nanomaggies, shape ``(ny, nx)``) -> noisy image of the same shape.
@@ -847,9 +836,7 @@ def render_galaxy(
         fluxes = np.array([float(_get(row, f"flux_{name}_{b}")) for b in bands])
         if not np.any(fluxes):
             continue
-        stamp = galsim.Convolve(prof, psf).drawImage(
-            nx=size, ny=size, scale=pixel_scale, dtype=np.float64
-        )
+        stamp = galsim.Convolve(prof, psf).drawImage(nx=size, ny=size, scale=pixel_scale, dtype=np.float64)
         image += fluxes[:, None, None] * stamp.array[None, :, :]
     if noise:
         for k, b in enumerate(bands):

@@ -13,7 +13,7 @@ rule train:
         ),
         info="results/models/{experiment}/train_info.json",
     params:
-        exp=lambda w: {**EXPERIMENTS[w.experiment], "seed": config["seed"]},
+        exp=lambda w: experiment_params(config, EXPERIMENTS[w.experiment]),
     log:
         "logs/train/{experiment}.log",
     benchmark:

@@ -1,0 +1,153 @@
+"""The whole Snakemake workflow on a tiny simulated configuration.
+
+Runs catalogue -> cutouts -> normalise -> split -> train -> evaluate ->
+leaderboard in a temporary directory, then checks reruns: nothing to do when
+nothing changed, only train/evaluate after a training change, from normalise on
+after a normalisation change; and that a malformed config fails before any job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+TINY = {
+    "source": "simulated",
+    "seed": 7,
+    "cutout_size": 32,
+    "shards": 2,
+    "simulated": {"n_galaxies": 90},
+    "split": {"row_group_size": 16},
+    "training": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
+    "experiments": {
+        "tiny_cnn": {"architecture": [{"type": "conv2d", "filters": 4}, "relu", "maxpool2d",
+                                      "global_avg_pool"]},
+        "baseline": {"architecture": "features_mlp", "inputs": "features", "training": {"augment": False}},
+    },
+    "evaluate": {"n_bootstrap": 20, "gallery_size": 4},
+}
+
+
+def smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           "--configfile", str(workdir / "config" / "config.yaml"), *args]
+    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    out = smk(workdir, "-n", "--quiet", "rules").stdout + smk(workdir, "-n").stdout
+    stats: dict[str, int] = {}
+    block = out.split("Job stats:")[-1] if "Job stats:" in out else ""
+    for line in block.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            stats[m.group(1)] = int(m.group(2))
+    return stats
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wd = tmp_path_factory.mktemp("wf")
+    write_config(wd, TINY)
+    smk(wd)
+    return wd
+
+
+def test_full_run_produces_every_artifact(run_dir: Path) -> None:
+    r = run_dir / "results"
+    for p in ["catalogue/catalogue.parquet", "catalogue/shards/0000.parquet", "catalogue/shards/0001.parquet",
+              "cutouts/0000.parquet", "normalised/0001.parquet", "split/train.parquet", "split/test.parquet",
+              "models/tiny_cnn/model.json", "models/tiny_cnn/weights.npz", "models/baseline/history.csv",
+              "evaluation/tiny_cnn/metrics.json", "evaluation/tiny_cnn/figures/confusion_matrix.png",
+              "evaluation/tiny_cnn/figures/learning_curves.png", "evaluation/baseline/metrics.json",
+              "leaderboard.csv", "comparison.png"]:
+        assert (r / p).is_file(), p
+    m = json.loads((r / "evaluation/tiny_cnn/metrics.json").read_text())
+    assert set(m["headline"]) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert len(m["plain"]["confusion_matrix"]) == 3
+    lb = pd.read_csv(r / "leaderboard.csv")
+    assert set(lb["experiment"]) == {"tiny_cnn", "baseline"}
+    assert (run_dir / "logs" / "catalogue.log").is_file()
+    assert (run_dir / "logs" / "benchmarks" / "split.tsv").is_file()
+    cutouts = list((run_dir / "resources" / "cutouts").glob("simulated-*/*.fits"))
+    assert len(cutouts) == 90
+    leftovers = [p for p in run_dir.rglob("*.tmp")]
+    assert not leftovers
+
+
+def test_rerun_does_nothing(run_dir: Path) -> None:
+    res = smk(run_dir)
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_training_change_reruns_only_train_and_evaluate(run_dir: Path) -> None:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["training"]["lr"] = 0.003
+    write_config(run_dir, cfg)
+    try:
+        jobs = planned_jobs(run_dir)
+    finally:
+        write_config(run_dir, TINY)
+    assert set(jobs) == {"train", "evaluate", "leaderboard", "all"} or set(jobs) == {"train", "evaluate", "leaderboard"}
+    assert jobs["train"] == 2
+
+
+def test_normalise_change_reruns_from_normalise(run_dir: Path) -> None:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["normalise"] = {"softening": 0.2}
+    write_config(run_dir, cfg)
+    try:
+        jobs = planned_jobs(run_dir)
+    finally:
+        write_config(run_dir, TINY)
+    assert "catalogue" not in jobs and "cutouts" not in jobs
+    assert jobs["normalise"] == 2 and jobs["split"] == 1 and jobs["train"] == 2
+
+
+def test_bad_config_fails_before_any_job(tmp_path: Path) -> None:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["split"] = {"fractions": {"train": 2.0}}
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, check=False)
+    assert res.returncode != 0
+    assert "split.fractions.train" in res.stdout + res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_architecture_fails_naming_the_layer(tmp_path: Path) -> None:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["experiments"] = {"broken": {"architecture": [{"type": "conv2d", "filters": 4, "kernel_size": 64,
+                                                       "padding": "valid"}, "flatten"]}}
+    write_config(tmp_path, cfg)
+    res = smk(tmp_path, check=False)
+    assert res.returncode != 0
+    assert "experiments.broken.architecture" in res.stdout + res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean() -> None:
+    res = subprocess.run([*SNAKEMAKE, "--lint", "-s", str(REPO / "workflow" / "Snakefile"),
+                          "--configfile", str(REPO / "config" / "config.yaml")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
