@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,slurm]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,7 +23,8 @@ report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report results/report.html
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	bash scripts/test-services.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" GALPIPE_REQUIRE_SLURM=$${CI:+1} $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check galpipe tests benchmarks workflow/scripts

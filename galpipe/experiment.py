@@ -39,6 +39,11 @@ def full_architecture(hidden: Sequence[Any], n_classes: int) -> list[Any]:
     return [*hidden, {"type": "dense", "units": int(n_classes), "init": "glorot"}]
 
 
+#: Keys of the config's ``training.schedule`` that each schedule type uses.
+_SCHEDULE_KEYS = {"constant": {"type", "warmup_epochs"}, "step": {"type", "warmup_epochs", "step_size", "gamma"},
+                  "cosine": {"type", "warmup_epochs", "min_lr"}}
+
+
 def _training_dict(exp: Mapping[str, Any]) -> dict[str, Any]:
     t = dict(exp["training"])
     opt = t.pop("optimizer")
@@ -47,6 +52,8 @@ def _training_dict(exp: Mapping[str, Any]) -> dict[str, Any]:
     if opt == "sgd":
         out["optimizer_kwargs"] = {"momentum": momentum, "nesterov": nesterov}
     out["early_stopping_patience"] = t.get("early_stopping_patience") or None
+    sched = dict(t.get("schedule") or {"type": "constant"})
+    out["schedule"] = {k: v for k, v in sched.items() if k in _SCHEDULE_KEYS[sched.get("type", "constant")]}
     return out
 
 

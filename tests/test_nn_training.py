@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from galpipe.nn.model import build_model
 from nn_fixtures import CLASSES, synthetic_galaxies, write_split_parquet
 
 from galpipe.errors import ConfigError, DataError, ModelError
 from galpipe.nn.data import ArrayDataset, ParquetImageDataset
+from galpipe.nn.model import build_model
 from galpipe.nn.training import (
     CHECKPOINT_JSON,
     History,
@@ -30,7 +30,8 @@ SPEC = [
     {"type": "maxpool2d"},
     {"type": "conv2d", "filters": 12},
     {"type": "relu"},
-    {"type": "global_avg_pool"},
+    {"type": "maxpool2d"},
+    {"type": "flatten"},
     {"type": "dropout", "rate": 0.2},
     {"type": "dense", "units": 3},
 ]
@@ -79,7 +80,7 @@ def test_config_rejects_unknown_and_bad_values():
         key = next(iter(bad))
         with pytest.raises(ConfigError, match=key):
             TrainConfig.from_dict(bad)
-    with pytest.raises(ConfigError, match="model.train"):
+    with pytest.raises(ConfigError, match=r"model\.train"):
         TrainConfig.from_dict({"seed": -1}, where="model.train")
 
 
@@ -265,7 +266,7 @@ def test_class_weighting_balanced_helps_minority():
 
 def test_incompatible_data_is_rejected(splits):
     tr = ParquetImageDataset(splits[0])
-    wrong = build_model(SPEC[:-1] + [{"type": "dense", "units": 4}], (12, 12, 2))
+    wrong = build_model([*SPEC[:-1], {"type": "dense", "units": 4}], (12, 12, 2))
     with pytest.raises(ModelError, match="4 classes"):
         fit(wrong, tr, None, {"epochs": 1}, progress=False)
     small = build_model(SPEC, (8, 8, 2))

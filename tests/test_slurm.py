@@ -4,7 +4,8 @@ Needs the one-node cluster started by ``scripts/slurm/start.sh`` and the executo
 (``pip install -e '.[slurm]'``).  Without them every test here skips with the reason; set
 ``GALPIPE_REQUIRE_SLURM=1`` (CI) to turn that skip into a failure.
 
-Every Snakemake run is wrapped in ``timeout -k``: without slurmdbd a misconfigured status
+Both workflows run at the same time (about 50 s in all).  Every Snakemake run is wrapped
+in ``timeout -k``: without slurmdbd a misconfigured status
 command makes Snakemake wait forever, ignoring SIGTERM.
 """
 
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,9 +138,28 @@ def _cancel_jobs_in(workdir: Path) -> None:
         subprocess.run(["scancel", *ids], timeout=20, check=False)
 
 
-def _run_snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """Run Snakemake on ``workdir/Snakefile`` through profiles/slurm, bounded in time."""
-    cmd = [
+def _submit_env() -> dict[str, str]:
+    """This environment minus a surrounding SLURM job's variables (Snakemake must submit
+    from outside any job); SLURM_CONF is kept."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("SLURM_") or key == "SLURM_CONF"
+    }
+
+
+@dataclass(frozen=True)
+class SnakemakeRun:
+    """Outcome of one bounded Snakemake run through profiles/slurm."""
+
+    workdir: Path
+    returncode: int
+    log: str
+
+
+def _snakemake_cmd(workdir: Path, *extra: str) -> list[str]:
+    """Snakemake on ``workdir/Snakefile`` through profiles/slurm, killed after RUN_LIMIT_S."""
+    return [
         "timeout", "-k", "10", str(RUN_LIMIT_S),
         sys.executable, "-m", "snakemake",
         "-s", str(workdir / "Snakefile"),
@@ -146,12 +167,43 @@ def _run_snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess[st
         "--workflow-profile", str(SLURM_PROFILE),
         *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(
+    slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, SnakemakeRun]:
+    """Run the tiny and the failing workflow at the same time (halves the wall time).
+
+    Output goes to a file per run, so neither process can block on a full pipe.
+    """
+    specs = {"tiny": (TINY_SNAKEFILE, ()), "failing": (FAILING_SNAKEFILE, ("--retries", "0"))}
+    started: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
     try:
-        return subprocess.run(
-            cmd, cwd=workdir, capture_output=True, text=True, timeout=RUN_LIMIT_S + 30, check=False
-        )
+        for name, (snakefile, extra) in specs.items():
+            workdir = tmp_path_factory.mktemp(f"slurm_{name}")
+            (workdir / "Snakefile").write_text(snakefile)
+            with open(workdir / "snakemake.out", "wb") as out:
+                proc = subprocess.Popen(
+                    _snakemake_cmd(workdir, *extra),
+                    cwd=workdir,
+                    env=_submit_env(),
+                    stdout=out,
+                    stderr=out,
+                )
+            started[name] = (workdir, proc)
+        runs = {}
+        for name, (workdir, proc) in started.items():
+            returncode = proc.wait(timeout=RUN_LIMIT_S + 30)
+            log = (workdir / "snakemake.out").read_text(errors="replace")
+            runs[name] = SnakemakeRun(workdir, returncode, log)
     finally:
-        _cancel_jobs_in(workdir)
+        for workdir, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _cancel_jobs_in(workdir)
+    return runs
 
 
 def _job_fields(job_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -173,19 +225,18 @@ def _job_fields(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return fields
 
 
-def test_tiny_workflow_runs_each_rule_as_sbatch_job(slurm_cluster: None, tmp_path: Path) -> None:
-    (tmp_path / "Snakefile").write_text(TINY_SNAKEFILE)
-    proc = _run_snakemake(tmp_path)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 124, f"snakemake hung for {RUN_LIMIT_S}s:\n{log[-4000:]}"
-    assert proc.returncode == 0, log[-4000:]
+def test_tiny_workflow_runs_each_rule_as_sbatch_job(slurm_runs: dict[str, SnakemakeRun]) -> None:
+    run = slurm_runs["tiny"]
+    workdir = run.workdir
+    assert run.returncode != 124, f"snakemake hung for {RUN_LIMIT_S}s:\n{run.log[-4000:]}"
+    assert run.returncode == 0, run.log[-4000:]
 
     # Each job recorded "<rule> <wildcard|all> <SLURM_JOB_ID> <cpus per task> <partition>".
     records = {}
     for i in (1, 2):
-        (line,) = (tmp_path / f"out/part_{i}.txt").read_text().splitlines()
+        (line,) = (workdir / f"out/part_{i}.txt").read_text().splitlines()
         records[f"make_{i}"] = line.split()
-    summary = (tmp_path / "out/summary.txt").read_text().splitlines()
+    summary = (workdir / "out/summary.txt").read_text().splitlines()
     assert [r.split() for r in summary[:2]] == [records["make_1"], records["make_2"]]
     records["combine"] = summary[2].split()
     assert [r[0] for r in records.values()] == ["part", "part", "combine"]
@@ -198,7 +249,7 @@ def test_tiny_workflow_runs_each_rule_as_sbatch_job(slurm_cluster: None, tmp_pat
     assert {rec[4] for rec in records.values()} == {PARTITION}, records
 
     # The plugin's per-job logs (kept by slurm-keep-successful-logs) are named by job id.
-    logdir = tmp_path / ".snakemake" / "slurm_logs"
+    logdir = workdir / ".snakemake" / "slurm_logs"
     assert (logdir / "rule_make" / "1" / f"{job_ids['make_1']}.log").is_file()
     assert (logdir / "rule_make" / "2" / f"{job_ids['make_2']}.log").is_file()
     assert (logdir / "rule_combine" / f"{job_ids['combine']}.log").is_file()
@@ -207,7 +258,9 @@ def test_tiny_workflow_runs_each_rule_as_sbatch_job(slurm_cluster: None, tmp_pat
     fields = _job_fields(list(job_ids.values()))
     assert set(fields) == set(job_ids.values()), fields
     assert {f["state"] for f in fields.values()} == {"COMPLETED"}, fields
-    assert len({f["name"] for f in fields.values()}) == 1, "one run uuid as job name"
+    run_id = re.search(r"SLURM run ID: (\S+)", run.log)
+    assert run_id, run.log[-4000:]
+    assert {f["name"] for f in fields.values()} == {run_id.group(1)}, fields
     assert [fields[job_ids[k]]["cpus"] for k in ("make_1", "make_2", "combine")] == ["1", "1", "2"]
     assert [fields[job_ids[k]]["mem"] for k in ("make_1", "make_2", "combine")] == [
         "200M",
@@ -216,16 +269,15 @@ def test_tiny_workflow_runs_each_rule_as_sbatch_job(slurm_cluster: None, tmp_pat
     ]
 
 
-def test_failing_job_ends_run_with_error(slurm_cluster: None, tmp_path: Path) -> None:
+def test_failing_job_ends_run_with_error(slurm_runs: dict[str, SnakemakeRun]) -> None:
     """A failed SLURM job is detected through squeue and ends the run (no hang, no retry)."""
-    (tmp_path / "Snakefile").write_text(FAILING_SNAKEFILE)
-    proc = _run_snakemake(tmp_path, "--retries", "0")
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 124, f"snakemake hung for {RUN_LIMIT_S}s:\n{log[-4000:]}"
-    assert proc.returncode == 1, log[-4000:]
-    match = re.search(r"SLURM-job '(\d+)' failed, SLURM status is: 'FAILED'", log)
-    assert match, log[-4000:]
-    assert not (tmp_path / "boom.txt").exists()
+    run = slurm_runs["failing"]
+    workdir = run.workdir
+    assert run.returncode != 124, f"snakemake hung for {RUN_LIMIT_S}s:\n{run.log[-4000:]}"
+    assert run.returncode == 1, run.log[-4000:]
+    match = re.search(r"SLURM-job '(\d+)' failed, SLURM status is: 'FAILED'", run.log)
+    assert match, run.log[-4000:]
+    assert not (workdir / "boom.txt").exists()
     # The failed job's log is kept and holds the rule's stderr.
-    job_log = tmp_path / ".snakemake" / "slurm_logs" / "rule_boom" / f"{match.group(1)}.log"
+    job_log = workdir / ".snakemake" / "slurm_logs" / "rule_boom" / f"{match.group(1)}.log"
     assert "galpipe-slurm-test-failure" in job_log.read_text()

@@ -72,6 +72,17 @@ class ReLU(_Activation):
         self._cache = {"out": out}
         return out
 
+    def forward_inplace(self, x: np.ndarray) -> np.ndarray:
+        """Like :meth:`forward` but overwrites ``x`` (only for arrays nobody else needs).
+
+        Used by :class:`~galpipe.nn.model.Sequential` for ``relu`` after ``maxpool2d``
+        (``relu(maxpool(x)) == maxpool(relu(x))``, and the max-pool backward only
+        consults its cached output where the ReLU passes a gradient).
+        """
+        np.maximum(x, 0, out=x)
+        self._cache = {"out": x}
+        return x
+
     def backward(self, dout: np.ndarray) -> np.ndarray:
         out = self._get("out")
         dx = np.empty_like(out)

@@ -161,6 +161,7 @@ _EXECUTOR_SIZE = 0
 _BLAS_CONTROLLERS: list[Any] | None = None
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
+_CPU_COUNT = os.cpu_count() or 1
 
 
 def set_num_workers(n: int | None) -> None:
@@ -205,7 +206,7 @@ def get_num_workers() -> int:
     """Number of batch chunks heavy layers process in parallel."""
     if _WORKERS_OVERRIDE is not None:
         return _WORKERS_OVERRIDE
-    return max(1, min(blas_num_threads(), os.cpu_count() or 1))
+    return max(1, min(blas_num_threads(), _CPU_COUNT))
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
@@ -227,43 +228,56 @@ def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def parallel_chunks(
-    fn: Callable[[int, int], _T], n: int, *, min_chunk: int = 1, workers: int | None = None
+    fn: Callable[..., _T],
+    n: int,
+    *,
+    min_chunk: int = 1,
+    workers: int | None = None,
+    with_index: bool = False,
 ) -> list[_T]:
     """Run ``fn(lo, hi)`` over contiguous chunks of ``range(n)`` on worker threads.
 
     Parameters
     ----------
     fn : callable
-        ``fn(lo, hi)`` processes batch items ``lo:hi``; it must only write to
-        disjoint parts of shared arrays.  NumPy releases the GIL, so chunks run
-        truly in parallel.
+        ``fn(lo, hi)`` (or ``fn(k, lo, hi)`` with ``with_index``, ``k`` the chunk
+        number) processes items ``lo:hi``; it must only write to disjoint parts
+        of shared arrays.  NumPy releases the GIL, so chunks run truly in parallel.
     n : int
-        Number of batch items.
+        Number of items (batch samples, or pieces of a batch).
     min_chunk : int
         Do not make chunks smaller than this (small batches run inline).
     workers : int, optional
         Override :func:`get_num_workers`.
+    with_index : bool
+        Pass the chunk number as the first argument.
 
     Returns
     -------
     list
-        ``fn``'s results in chunk order.  While chunks run, BLAS is limited to
-        one thread (restored afterwards); nested calls run inline.
+        ``fn``'s results in chunk order (one chunk, run inline, when ``n`` is small,
+        one worker is configured, or when called from inside a worker).  While
+        chunks run, BLAS is limited to one thread (restored afterwards).
     """
-    w = get_num_workers() if workers is None else workers
-    w = min(w, n // max(min_chunk, 1))
-    if w <= 1 or getattr(_LOCAL, "inside", False):
-        return [fn(0, n)]
-    bounds = chunk_bounds(n, w)
+    bounds = plan_chunks(n, min_chunk=min_chunk, workers=workers)
+
+    def call(k: int, lo: int, hi: int) -> _T:
+        return fn(k, lo, hi) if with_index else fn(lo, hi)
+
+    if len(bounds) == 1:
+        return [call(0, *bounds[0])]
     ctls = _blas_controllers()
     previous = [c.get_num_threads() for c in ctls]
     for c in ctls:
         c.set_num_threads(1)
     try:
-        ex = _executor(w - 1)
-        futures = [ex.submit(_run_inside, fn, lo, hi) for lo, hi in bounds[1:]]
+        ex = _executor(len(bounds) - 1)
+        futures = [
+            ex.submit(_run_inside, call, k, lo, hi)
+            for k, (lo, hi) in enumerate(bounds) if k > 0
+        ]
         try:
-            first = _run_inside(fn, *bounds[0])
+            first = _run_inside(call, 0, *bounds[0])
         finally:
             wait(futures)
         return [first, *(f.result() for f in futures)]
@@ -272,11 +286,22 @@ def parallel_chunks(
             c.set_num_threads(p)
 
 
-def _run_inside(fn: Callable[[int, int], _T], lo: int, hi: int) -> _T:
+def plan_chunks(
+    n: int, *, min_chunk: int = 1, workers: int | None = None
+) -> list[tuple[int, int]]:
+    """The ``(lo, hi)`` chunks :func:`parallel_chunks` would use for ``n`` items."""
+    w = get_num_workers() if workers is None else workers
+    w = min(w, n // max(min_chunk, 1))
+    if w <= 1 or getattr(_LOCAL, "inside", False):
+        return [(0, n)]
+    return chunk_bounds(n, w)
+
+
+def _run_inside(fn: Callable[[int, int, int], _T], k: int, lo: int, hi: int) -> _T:
     was = getattr(_LOCAL, "inside", False)
     _LOCAL.inside = True
     try:
-        return fn(lo, hi)
+        return fn(k, lo, hi)
     finally:
         _LOCAL.inside = was
 
@@ -299,7 +324,7 @@ class BufferCache:
     are scratch only: never hand one out as a layer output.
     """
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 16) -> None:
         self.max_entries = max_entries
         self._store: dict[tuple[Any, ...], np.ndarray] = {}
 

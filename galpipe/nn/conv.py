@@ -1,22 +1,26 @@
-"""2-D convolution on channels-last batches via im2col and one GEMM per chunk.
+"""2-D convolution on channels-last batches via im2col and GEMMs.
 
 Implementation notes (what makes it fast on a CPU with NumPy only):
 
-* ``im2col`` writes the patches of a chunk of the batch into a reused buffer of
-  shape ``(rows, kh*kw*C [+1])`` with one strided copy per kernel row: for a
-  fixed kernel row the ``kw*C`` values of a patch are contiguous in the padded
-  channels-last image (``numpy.lib.stride_tricks.as_strided`` view).
-* The bias rides along in the GEMM: the im2col buffer has a trailing column of
-  ones and the weight matrix a trailing row holding the bias, so the forward pass
-  is a single ``matmul`` and the bias gradient falls out of the weight-gradient
-  GEMM.
-* ``col2im`` accumulates with sliced adds per kernel offset (no ``np.add.at``);
-  for stride 1 convolutions the input gradient is instead computed as a
-  "full" correlation of the padded output gradient with the flipped kernel
-  (im2col + GEMM), which needs no scatter at all.
-* The batch is split into chunks processed on worker threads
-  (:func:`galpipe.nn.base.parallel_chunks`), each with its own single-threaded
-  GEMM; buffers are cached per input shape.
+* The batch is processed in *pieces* of a few samples (about
+  :data:`PIECE_BYTES` of patches): ``im2col`` writes a piece's patches into a
+  reused scratch matrix that is still in cache when the GEMM reads it.  Pieces
+  are spread over worker threads (:func:`galpipe.nn.base.parallel_chunks`), each
+  running its own single-threaded GEMM.
+* ``im2col`` needs one strided copy per kernel row: for a fixed kernel row the
+  ``kw*C`` values of a patch are contiguous in the padded channels-last image
+  (an ``as_strided`` view).
+* The bias rides along in the GEMM: the scratch matrix has a trailing column of
+  ones and the weight matrix a trailing row holding the bias, so the forward
+  pass is one ``matmul`` per piece and the bias gradient falls out of the
+  weight-gradient GEMM.
+* The backward pass recomputes the patches piece by piece instead of storing the
+  whole im2col matrix (faster: the GEMMs read from cache; and far less memory).
+  For stride 1 the input gradient is the correlation of the padded output
+  gradient with the flipped kernel (im2col + GEMM, no scatter); otherwise one
+  GEMM per kernel offset is accumulated with sliced adds (never ``np.add.at``).
+* Parameter gradients are summed over pieces in a fixed order, so results do
+  not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -27,8 +31,27 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import BufferCache, Layer, parallel_chunks, register, sum_arrays
+from galpipe.nn.base import (
+    BufferCache,
+    Layer,
+    parallel_chunks,
+    plan_chunks,
+    register,
+    sum_arrays,
+)
 from galpipe.nn.init import INITIALISERS, get_initialiser
+
+#: Target size in bytes of one im2col scratch matrix: the batch is processed in
+#: pieces of samples small enough for the patches to stay in cache between the
+#: im2col copy and the GEMM that reads them.
+PIECE_BYTES = 3 << 20
+#: At most this many samples per piece.
+MAX_PIECE = 16
+#: Few-channel convolutions (a kernel row spans fewer than this many values,
+#: ``kw * C``; e.g. the first layer on RGB input) build their patches transposed
+#: (:func:`im2col_t`, long copy runs) and, in training, keep them from the forward
+#: pass for the backward pass instead of recomputing them.
+SMALL_PATCH_BELOW = 16
 
 
 def as_pair(value: Any, what: str, *, minimum: int = 1) -> tuple[int, int]:
@@ -110,17 +133,22 @@ def im2col_rows(
         dest[:, :, :, i, :] = _rows_view(xp, ho, wo, sh, sw, kw, i)
 
 
-def col2im_add(
-    dcols: np.ndarray, dxp: np.ndarray, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int
+def im2col_t(
+    xp: np.ndarray, cols_t: np.ndarray, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int
 ) -> None:
-    """Accumulate patch gradients ``dcols`` (``(n*ho*wo, kh*kw*C)``) into padded ``dxp``."""
-    n, _, _, c = dxp.shape
-    d6 = dcols.reshape(n, ho, wo, kh, kw, c)
+    """Transposed im2col: fill ``cols_t`` (``(>= kh*kw*C, n*ho*wo)``) from padded ``xp``.
+
+    Row ``(i, j, c)`` holds channel ``c`` shifted by the kernel offset ``(i, j)`` for
+    every output position: one copy per kernel offset, with runs of ``wo`` values
+    (better than the ``kw*C``-long runs of :func:`im2col_rows` when ``C`` is small).
+    Extra trailing rows are left untouched.
+    """
+    n, _, _, c = xp.shape
+    dest = cols_t[: kh * kw * c].reshape(kh, kw, c, n, ho, wo)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :] += d6[
-                :, :, :, i, j, :
-            ]
+            src = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+            dest[i, j] = src.transpose(3, 0, 1, 2)
 
 
 @register("conv2d")
@@ -240,27 +268,35 @@ class Conv2D(Layer):
         return int(ho * wo * self.filters * per_out)
 
     # -- helpers -------------------------------------------------------------------------
-    def _weight_matrix(self) -> np.ndarray:
+    def _weight_matrix(self, dt: np.dtype) -> np.ndarray:
         """``(K [+1], F)`` GEMM operand; the bias is the last row when ``use_bias``."""
         w = self.params["W"].reshape(-1, self.filters)
-        if not self.use_bias:
-            return w
-        return np.concatenate([w, self.params["b"][None, :]], axis=0)
+        if self.use_bias:
+            w = np.concatenate([w, self.params["b"][None, :]], axis=0)
+        return np.ascontiguousarray(w, dtype=dt)
 
-    def _padded(self, x: np.ndarray, lo: int, hi: int, xp: np.ndarray | None) -> np.ndarray:
-        """Chunk ``lo:hi`` of the input, padded (writes into the cached ``xp``)."""
-        if xp is None:
-            return x[lo:hi]
-        (pt, _), (pl, _) = self._pads
-        h, w = x.shape[1:3]
-        xp[lo:hi, pt : pt + h, pl : pl + w, :] = x[lo:hi]
-        return xp[lo:hi]
+    def _piece_size(self, n: int, width: int, itemsize: int) -> int:
+        """Samples per piece so that one im2col scratch is about :data:`PIECE_BYTES`."""
+        ho, wo = self._out_hw
+        per = max(ho * wo * width * itemsize, 1)
+        return int(min(max(PIECE_BYTES // per, 1), MAX_PIECE, n))
+
+    def _scratch(self, tag: str, k: int, shape: tuple[int, ...], dt: np.dtype, *,
+                 zero: bool = False, bias_col: bool = False) -> np.ndarray:
+        buf = self._bufs.get(f"{tag}{k}", shape, dt, zero=zero or bias_col)
+        if bias_col and buf[0, -1] != 1:
+            buf[:, -1] = 1.0  # set once; im2col never writes the last column
+        return buf
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        """Convolve ``x`` of shape ``(N, H, W, C)``; returns ``(N, Ho, Wo, F)``."""
+        """Convolve ``x`` of shape ``(N, H, W, C)``; returns ``(N, Ho, Wo, F)``.
+
+        The batch is processed in pieces of a few samples whose im2col matrix stays
+        in cache (im2col, then one GEMM per piece), pieces spread over the workers.
+        """
         self._ensure_built(x)
-        if x.shape[1:] != self.input_shape:
+        if x.ndim != 4 or x.shape[1:] != self.input_shape:
             raise ModelError(
                 f"conv2d: expects input of per-sample shape {self.input_shape}, "
                 f"got {x.shape[1:]}"
@@ -273,94 +309,167 @@ class Conv2D(Layer):
         sh, sw = self.stride
         ho, wo = self._out_hw
         (pt, pb), (pl, pr) = self._pads
-        k = kh * kw * c
-        kk = k + (1 if self.use_bias else 0)
+        kk = kh * kw * c + (1 if self.use_bias else 0)
         f = self.filters
-        m_per = ho * wo
-        wmat = self._weight_matrix().astype(dt, copy=False)
-        padded = pt or pb or pl or pr
+        mp = ho * wo
+        wmat = self._weight_matrix(dt)
+        padded = bool(pt or pb or pl or pr)
         xp = (
             self._bufs.get("xp", (n, h + pt + pb, w + pl + pr, c), dt, zero=True)
             if padded
-            else None
+            else x
         )
-        cols = self._bufs.get("cols", (n * m_per, kk), dt)
-        if self.use_bias:
-            cols[:, k] = 1.0
         out = np.empty((n, ho, wo, f), dtype=dt)
-        out2 = out.reshape(n * m_per, f)
+        out2 = out.reshape(n * mp, f)
+        ps = self._piece_size(n, kk, dt.itemsize)
+        n_pieces = -(-n // ps)
+        chunks = plan_chunks(n_pieces)
+        transposed = kw * c < SMALL_PATCH_BELOW
+        keep = training and transposed
+        if keep:
+            store = self._scratch("cols_all", 0, (kk, n * mp), dt)
+        scratch = [
+            self._scratch("cols_t", k, (kk, ps * mp), dt)
+            if transposed
+            else self._scratch("cols", k, (ps * mp, kk), dt, bias_col=self.use_bias)
+            for k in range(len(chunks))
+        ]
+        if transposed and self.use_bias:
+            for buf in [*scratch, *([store] if keep else [])]:
+                if buf[-1, 0] != 1:
+                    buf[-1] = 1.0  # ones row for the bias, set once
 
-        def work(lo: int, hi: int) -> None:
-            src = self._padded(x, lo, hi, xp)
-            block = cols[lo * m_per : hi * m_per]
-            im2col_rows(src, block, kh, kw, sh, sw, ho, wo)
-            np.matmul(block, wmat, out=out2[lo * m_per : hi * m_per])
+        def work(k: int, lo: int, hi: int) -> None:
+            for a in range(lo * ps, min(hi * ps, n), ps):
+                b = min(a + ps, n)
+                if padded:
+                    xp[a:b, pt : pt + h, pl : pl + w, :] = x[a:b]
+                if transposed:
+                    blk_t = store[:, a * mp : b * mp] if keep else scratch[k][:, : (b - a) * mp]
+                    im2col_t(xp[a:b], blk_t, kh, kw, sh, sw, ho, wo)
+                    np.matmul(blk_t.T, wmat, out=out2[a * mp : b * mp])
+                else:
+                    blk = scratch[k][: (b - a) * mp]
+                    im2col_rows(xp[a:b], blk, kh, kw, sh, sw, ho, wo)
+                    np.matmul(blk, wmat, out=out2[a * mp : b * mp])
 
-        parallel_chunks(work, n)
-        self._cache = {"cols": cols, "n": n, "wmat": wmat}
+        parallel_chunks(work, n_pieces, with_index=True)
+        self._cache = {"xp": xp, "n": n, "cols_all": store if keep else None,
+                       "transposed": transposed}
         return out
 
     # -- backward ------------------------------------------------------------------------
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
         """Fill ``grads["W"]`` (and ``grads["b"]``); return ``dx`` of shape ``(N, H, W, C)``.
 
-        Returns ``None`` when :attr:`input_grad_needed` is False.
+        The patches are recomputed piece by piece (cheaper than keeping the whole
+        im2col matrix: the GEMMs then read from cache).  Returns ``None`` when
+        :attr:`input_grad_needed` is False.
         """
         if not self._cache:
             raise ModelError("conv2d: backward called before forward")
-        cols: np.ndarray = self._cache["cols"]
+        xp: np.ndarray = self._cache["xp"]
         n: int = self._cache["n"]
-        wmat: np.ndarray = self._cache["wmat"]
-        dout = np.ascontiguousarray(dout, dtype=cols.dtype)
-        dt = cols.dtype
+        stored: np.ndarray | None = self._cache["cols_all"]
+        dt = xp.dtype
+        dout = np.ascontiguousarray(dout, dtype=dt)
         h, w, c = self.input_shape
         kh, kw = self.kernel_size
         sh, sw = self.stride
         ho, wo = self._out_hw
         (pt, pb), (pl, pr) = self._pads
         f = self.filters
-        k = kh * kw * c
-        m_per = ho * wo
-        d2 = dout.reshape(n * m_per, f)
+        k_ = kh * kw * c
+        kk = k_ + (1 if self.use_bias else 0)
+        mp = ho * wo
+        if dout.shape != (n, ho, wo, f):
+            raise ModelError(
+                f"conv2d: backward expects a gradient of shape {(n, ho, wo, f)}, got {dout.shape}"
+            )
+        d2 = dout.reshape(n * mp, f)
         need_dx = self.input_grad_needed
-        dx = np.empty((n, h, w, c), dtype=dt) if need_dx else None
         full = need_dx and self._full_corr
-        padded = pt or pb or pl or pr
+        padded = bool(pt or pb or pl or pr)
+        dx = np.empty((n, h, w, c), dtype=dt) if need_dx else None
+        width = max(kk, kh * kw * f) if full else kk
+        ps = self._piece_size(n, width, dt.itemsize)
+        n_pieces = -(-n // ps)
+        chunks = plan_chunks(n_pieces)
+        nk = len(chunks)
+        transposed: bool = self._cache["transposed"]
+        if stored is None:
+            cols = [
+                self._scratch("cols_t", k, (kk, ps * mp), dt)
+                if transposed
+                else self._scratch("cols", k, (ps * mp, kk), dt, bias_col=self.use_bias)
+                for k in range(nk)
+            ]
+            if transposed and self.use_bias:
+                for buf in cols:
+                    buf[-1] = 1.0
+        wk = self.params["W"].astype(dt, copy=False)
         if full:
             # dx = correlation of dout, padded by (k - 1 - pad), with the flipped kernel
-            # transposed to (kh, kw, F, C): an im2col + GEMM, no scatter-add.
+            # transposed to (kh, kw, F, C): im2col + GEMM, no scatter-add.
             qt, ql = kh - 1 - pt, kw - 1 - pl
-            wflip = np.ascontiguousarray(
-                self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2), dtype=dt
-            ).reshape(kh * kw * f, c)
-            dpad = self._bufs.get("dpad", (n, h + kh - 1, w + kw - 1, f), dt, zero=True)
-            dcols = self._bufs.get("dcols_full", (n * h * w, kh * kw * f), dt)
+            wflip = np.ascontiguousarray(wk[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(
+                kh * kw * f, c
+            )
+            dpads = [self._scratch("dpad", k, (ps, h + kh - 1, w + kw - 1, f), dt, zero=True)
+                     for k in range(nk)]
+            dcols = [self._scratch("dcols", k, (ps * h * w, kh * kw * f), dt)
+                     for k in range(nk)]
         elif need_dx:
-            dxp = np.empty((n, h + pt + pb, w + pl + pr, c), dtype=dt) if padded else dx
-            wt = np.ascontiguousarray(wmat[:k].T)
-            dcols = self._bufs.get("dcols", (n * m_per, k), dt)
+            # one GEMM per kernel offset, accumulated with sliced adds (any stride)
+            wts = [np.ascontiguousarray(wk[i, j].T) for i in range(kh) for j in range(kw)]
+            hp, wp = h + pt + pb, w + pl + pr
+            dxps = [self._scratch("dxp", k, (ps, hp, wp, c), dt) for k in range(nk)]
+            tmps = [self._scratch("tmp", k, (ps * mp, c), dt) for k in range(nk)]
 
-        def work(lo: int, hi: int) -> np.ndarray:
-            r0, r1 = lo * m_per, hi * m_per
-            gw = cols[r0:r1].T @ d2[r0:r1]
-            if full:
-                assert dx is not None
-                dpad[lo:hi, qt : qt + ho, ql : ql + wo, :] = dout[lo:hi]
-                blk = dcols[lo * h * w : hi * h * w]
-                im2col_rows(dpad[lo:hi], blk, kh, kw, 1, 1, h, w)
-                np.matmul(blk, wflip, out=dx[lo:hi].reshape(-1, c))
-            elif need_dx:
-                assert dx is not None and dxp is not None
-                blk = dcols[r0:r1]
-                np.matmul(d2[r0:r1], wt, out=blk)
-                dxp[lo:hi] = 0.0
-                col2im_add(blk, dxp[lo:hi], kh, kw, sh, sw, ho, wo)
-                if padded:
-                    dx[lo:hi] = dxp[lo:hi, pt : pt + h, pl : pl + w, :]
-            return gw
+        def work(k: int, lo: int, hi: int) -> list[np.ndarray]:
+            parts = []
+            for a in range(lo * ps, min(hi * ps, n), ps):
+                b = min(a + ps, n)
+                m = b - a
+                dpiece = d2[a * mp : b * mp]
+                if transposed:
+                    if stored is not None:
+                        blk_t = stored[:, a * mp : b * mp]
+                    else:
+                        blk_t = cols[k][:, : m * mp]
+                        im2col_t(xp[a:b], blk_t, kh, kw, sh, sw, ho, wo)
+                    parts.append(blk_t @ dpiece)
+                else:
+                    blk = cols[k][: m * mp]
+                    im2col_rows(xp[a:b], blk, kh, kw, sh, sw, ho, wo)
+                    parts.append(blk.T @ dpiece)
+                if full:
+                    assert dx is not None
+                    dp = dpads[k][:m]
+                    dp[:, qt : qt + ho, ql : ql + wo, :] = dout[a:b]
+                    dblk = dcols[k][: m * h * w]
+                    im2col_rows(dp, dblk, kh, kw, 1, 1, h, w)
+                    np.matmul(dblk, wflip, out=dx[a:b].reshape(m * h * w, c))
+                elif need_dx:
+                    assert dx is not None
+                    g = dxps[k][:m] if padded else dx[a:b]
+                    g[...] = 0.0
+                    t = tmps[k][: m * mp]
+                    t4 = t.reshape(m, ho, wo, c)
+                    for q, wt in enumerate(wts):
+                        i, j = divmod(q, kw)
+                        np.matmul(dpiece, wt, out=t)
+                        g[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw,
+                          :] += t4
+                    if padded:
+                        dx[a:b] = g[:, pt : pt + h, pl : pl + w, :]
+            return parts
 
-        gw = sum_arrays(parallel_chunks(work, n))
-        self.grads["W"][...] = gw[:k].reshape(self.grads["W"].shape)
+        # per-piece partial gradients, summed in piece order: identical results for
+        # any number of workers.
+        gw = sum_arrays([p for parts in parallel_chunks(work, n_pieces, with_index=True)
+                         for p in parts])
+        self.grads["W"][...] = gw[:k_].reshape(self.grads["W"].shape)
         if self.use_bias:
-            self.grads["b"][...] = gw[k]
+            self.grads["b"][...] = gw[k_]
         return dx

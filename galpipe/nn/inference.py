@@ -24,7 +24,8 @@ import numpy as np
 from galpipe.errors import ConfigError, DataError
 from galpipe.nn.augment import N_SYMMETRIES, dihedral
 from galpipe.nn.data import IMAGE, LABEL, OBJID, STREAM_MC_DROPOUT, ArrayDataset, Dataset
-from galpipe.nn.training import log_softmax
+from galpipe.nn.dense import Dropout
+from galpipe.nn.losses import softmax
 
 
 @dataclass
@@ -65,11 +66,6 @@ class PredictResult:
         return int(self.proba.shape[0])
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis in float64; shape as ``logits``."""
-    return np.exp(log_softmax(logits))
-
-
 def entropy(p: np.ndarray) -> np.ndarray:
     """Entropy ``-sum p log p`` over the last axis (nats, ``0 log 0 = 0``)."""
     p = np.asarray(p, dtype=np.float64)
@@ -81,20 +77,13 @@ def entropy(p: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- dropout toggling
 def _walk(layer: Any) -> Iterator[Any]:
     yield layer
-    subs = layer.sublayers() if hasattr(layer, "sublayers") else []
-    for sub in subs:
+    for sub in layer.sublayers():
         yield from _walk(sub)
 
 
 def dropout_layers(model: Any) -> list[Any]:
-    """All dropout layers of ``model`` (nested containers included)."""
-    roots = list(getattr(model, "layers", []))
-    found = []
-    for root in roots:
-        for layer in _walk(root):
-            if getattr(layer, "type_name", None) in ("dropout", "spatial_dropout"):
-                found.append(layer)
-    return found
+    """All dropout layers of ``model``, nested containers included, in forward order."""
+    return [layer for layer in _walk(model) if isinstance(layer, Dropout)]
 
 
 @contextlib.contextmanager
@@ -143,11 +132,14 @@ def _batches(
 
 def _probs(model: Any, x: np.ndarray, tta: bool) -> np.ndarray:
     """Softmax (TTA-averaged) for one batch, shape ``(B, K)`` float64."""
+    def probs(inputs: np.ndarray) -> np.ndarray:
+        return softmax(np.asarray(model.forward(inputs, training=False), dtype=np.float64))
+
     if not tta:
-        return softmax(model.forward(x, training=False))
-    acc = softmax(model.forward(x, training=False))
+        return probs(x)
+    acc = probs(x)
     for k in range(1, N_SYMMETRIES):
-        acc += softmax(model.forward(dihedral(x, k), training=False))
+        acc += probs(dihedral(x, k))
     return acc / N_SYMMETRIES
 
 
@@ -173,7 +165,8 @@ def predict_proba(
     tta : bool
         Average the softmax over the 8 dihedral symmetries (square images).
     mc_dropout : int
-        Number of stochastic passes with dropout active (0: deterministic).
+        Number of stochastic passes with dropout active (0: deterministic; a
+        model without dropout gets one deterministic pass and ``std = 0``).
         The dropout layers are reseeded with ``default_rng([seed,
         STREAM_MC_DROPOUT])``; results are reproducible for a given ``seed``
         and ``batch_size``.
@@ -200,6 +193,8 @@ def predict_proba(
             f"predict_proba: dataset {data!r} has inputs of shape {tuple(data.image_shape)}, "
             f"model expects {tuple(model.input_shape)}"
         )
+    if mc_dropout and not any(layer.rate > 0 for layer in dropout_layers(model)):
+        mc_dropout = 0  # every pass would be identical: one deterministic pass, std = 0
     batches, is_ds = _batches(data, batch_size)
     means: list[np.ndarray] = []
     stds: list[np.ndarray] = []
@@ -235,5 +230,5 @@ def predict_proba(
         entropy=entropy(proba),
         mutual_info=np.maximum(np.concatenate(mis), 0.0) if mis else np.zeros(0),
         objids=np.concatenate(ids) if ids else None,
-        labels=np.concatenate(labels) if labels else (np.zeros(0, np.int64) if is_ds else None),
+        labels=np.concatenate(labels) if labels else None,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import Layer, parallel_chunks, register
+from galpipe.nn.base import BufferCache, Layer, parallel_chunks, register
 from galpipe.nn.conv import _jsonable, as_pair
 
 #: Batches smaller than this many elements per chunk are pooled on one thread.
@@ -54,6 +54,7 @@ class _Pool2D(Layer):
         )
         self._stride_given = stride is not None
         self._cache: dict[str, Any] = {}
+        self._bufs = BufferCache()
 
     def get_config(self) -> dict[str, Any]:
         ps = self.pool_size
@@ -110,11 +111,23 @@ class MaxPool2D(_Pool2D):
     """Max pooling over ``pool_size`` windows moved by ``stride`` (default: ``pool_size``).
 
     Input ``(N, H, W, C)``, output ``(N, Ho, Wo, C)`` with
-    ``Ho = (H - ph) // sh + 1``.
+    ``Ho = (H - ph) // sh + 1``.  Each window's gradient goes to exactly one
+    maximal element (ties have a single winner).
+
+    Notes
+    -----
+    With ``stride == pool_size`` (the usual case) pooling is separable: first the
+    maximum over the ``ph`` rows of each window (contiguous ``W*C`` runs, fast),
+    then over the ``pw`` columns; the winning row/column indices are kept as
+    small integer maps for the backward pass.  Other strides loop over the
+    window offsets and route the gradient to the first maximum in row-major
+    window order.
     """
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._check_input(x)
+        if self.stride == self.pool_size:
+            return self._forward_separable(x)
         n, c = x.shape[0], x.shape[3]
         ho, wo = self._out_hw
         ph, pw = self.pool_size
@@ -133,41 +146,126 @@ class MaxPool2D(_Pool2D):
         self._cache = {"x": x, "out": out}
         return out
 
+    def _forward_separable(self, x: np.ndarray) -> np.ndarray:
+        n, c = x.shape[0], x.shape[3]
+        ho, wo = self._out_hw
+        ph, pw = self.pool_size
+        wc = wo * pw  # columns used (floor mode drops the rest)
+        out = np.empty((n, ho, wo, c), dtype=x.dtype)
+        rowmax = self._bufs.get("rowmax", (n, ho, wc, c), x.dtype)
+
+        def work(lo: int, hi: int) -> None:
+            xs = x[lo:hi, : ho * ph, :wc]
+            r = rowmax[lo:hi]
+            np.copyto(r, xs[:, 0::ph])
+            for i in range(1, ph):
+                np.maximum(r, xs[:, i::ph], out=r)
+            r5 = r.reshape(hi - lo, ho, wo, pw, c)
+            o = out[lo:hi]
+            np.copyto(o, r5[:, :, :, 0])
+            for j in range(1, pw):
+                np.maximum(o, r5[:, :, :, j], out=o)
+
+        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
+        # The winners are found in the backward pass (nothing extra at inference).
+        self._cache = {"x": x, "rowmax": rowmax, "separable": True}
+        return out
+
     def backward(self, dout: np.ndarray) -> np.ndarray:
         if not self._cache:
             raise ModelError("maxpool2d: backward called before forward")
+        if self._cache.get("separable"):
+            return self._backward_separable(dout)
         x: np.ndarray = self._cache["x"]
         out: np.ndarray = self._cache["out"]
         dout = np.asarray(dout, dtype=x.dtype)
         n = x.shape[0]
         ph, pw = self.pool_size
-        covers = self._covers()
-        dx = np.empty_like(x)
+        dx = np.zeros_like(x)
 
         def work(lo: int, hi: int) -> None:
             xs, o, d, g = x[lo:hi], out[lo:hi], dout[lo:hi], dx[lo:hi]
-            if not covers:
-                g[...] = 0.0
             # ``free`` marks windows whose maximum has not been claimed yet (first wins).
             free = np.ones(o.shape, dtype=bool)
             hit = np.empty(o.shape, dtype=bool)
             last = ph * pw - 1
             for k in range(ph * pw):
                 i, j = divmod(k, pw)
-                gw = self._window(g, i, j)
                 if k < last:
                     np.equal(self._window(xs, i, j), o, out=hit)
                     np.logical_and(hit, free, out=hit)
                     np.logical_xor(free, hit, out=free)
                 else:
                     hit = free
-                if covers:
-                    np.multiply(d, hit, out=gw)
-                else:
-                    gw += d * hit
+                gw = self._window(g, i, j)
+                gw += d * hit
 
         parallel_chunks(work, n, min_chunk=self._min_chunk(x))
         return dx
+
+    def _backward_separable(self, dout: np.ndarray) -> np.ndarray:
+        x: np.ndarray = self._cache["x"]
+        rowmax: np.ndarray = self._cache["rowmax"]
+        n, h, w, c = x.shape
+        ho, wo = self._out_hw
+        ph, pw = self.pool_size
+        wc = wo * pw
+        d = np.asarray(dout, dtype=x.dtype)
+        covers = h == ho * ph and w == wc
+        dx = np.empty_like(x) if covers else np.zeros_like(x)
+        dcol = self._bufs.get("dcol", (n, ho, wc, c), x.dtype)
+
+        def work(lo: int, hi: int) -> None:
+            m = hi - lo
+            # columns: route d to the winning column of each window's row-maxima
+            r5 = rowmax[lo:hi].reshape(m, ho, wo, pw, c)
+            dc5 = dcol[lo:hi].reshape(m, ho, wo, pw, c)
+            _route([r5[:, :, :, j] for j in range(pw)], d[lo:hi],
+                   [dc5[:, :, :, j] for j in range(pw)])
+            # rows: route each column's gradient to the winning row
+            xs = x[lo:hi, : ho * ph, :wc]
+            g = dx[lo:hi, : ho * ph, :wc]
+            if ph == 2 and covers:
+                # one multiply with a contiguous output: dx = dcol (repeated) * mask
+                x3 = xs.reshape(m * ho, 2, wc * c)
+                mask = np.empty((m * ho, 2, wc * c), dtype=bool)
+                np.greater(x3[:, 1], x3[:, 0], out=mask[:, 1])  # ties: first row wins
+                np.logical_not(mask[:, 1], out=mask[:, 0])
+                np.multiply(dcol[lo:hi].reshape(m * ho, 1, wc * c), mask,
+                            out=g.reshape(m * ho, 2, wc * c))
+            else:
+                _route([xs[:, i::ph] for i in range(ph)], dcol[lo:hi],
+                       [g[:, i::ph] for i in range(ph)])
+
+        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
+        return dx
+
+
+def _route(cands: list[np.ndarray], grad: np.ndarray, outs: list[np.ndarray]) -> None:
+    """``outs[k] = grad`` where ``cands[k]`` is the first maximum of the candidates, else 0.
+
+    Masked NumPy writes (``where=``, boolean indexing) are slow on random masks, so
+    everything is arithmetic: a winner map updated as ``idx += (k - idx) * (v > best)``
+    (uint8, exact modulo 256), then ``outs[k] = grad * (idx == k)``.
+    """
+    if len(cands) == 2:
+        upd = np.greater(cands[1], cands[0])  # strict: ties go to the first
+        np.multiply(grad, upd, out=outs[1])
+        np.subtract(grad, outs[1], out=outs[0])  # exact: grad - grad or grad - 0
+        return
+    best = cands[0].copy()
+    idx = np.zeros(best.shape, dtype=np.uint8)
+    upd = np.empty(best.shape, dtype=bool)
+    tmp = np.empty(best.shape, dtype=np.uint8)
+    for k, v in enumerate(cands[1:], start=1):
+        np.greater(v, best, out=upd)
+        np.maximum(best, v, out=best)
+        np.subtract(k, idx, out=tmp)
+        np.multiply(tmp, upd, out=tmp)
+        idx += tmp
+    for k, o in enumerate(outs):
+        np.equal(idx, k, out=upd)
+        np.multiply(grad, upd, out=o)
 
 
 @register("avgpool2d")
@@ -250,6 +348,6 @@ class GlobalAvgPool(Layer):
     def backward(self, dout: np.ndarray) -> np.ndarray:
         if self._shape is None:
             raise ModelError("global_avg_pool: backward called before forward")
-        n, h, w, c = self._shape
+        h, w = self._shape[1:3]
         g = np.asarray(dout) / (h * w)
         return np.broadcast_to(g[:, None, None, :], self._shape).copy()

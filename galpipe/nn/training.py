@@ -55,15 +55,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from galpipe.nn.losses import SoftmaxCrossEntropy
-from galpipe.nn.optim import clip_grad_norm, make_optimizer
-from galpipe.nn.schedules import make_schedule
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from galpipe.errors import ConfigError, DataError, ModelError
 from galpipe.io import atomic_path, atomic_write_text
 from galpipe.nn.augment import random_augment
 from galpipe.nn.data import STREAM_AUGMENT, STREAM_DROPOUT, Dataset, epoch_rng
+from galpipe.nn.losses import SoftmaxCrossEntropy, log_softmax
+from galpipe.nn.optim import OPTIMIZERS, clip_grad_norm, make_optimizer
+from galpipe.nn.schedules import make_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ class TrainConfig:
         Extra optimizer arguments (``momentum``, ``beta1`` ...).
     lr : float
         Base learning rate (the schedule scales it).
-    weight_decay : float
-        Passed to the optimizer (L2 for sgd/adam, decoupled for adamw).
+    weight_decay : float or None
+        Passed to the optimizer (L2 for sgd/adam, decoupled for adamw); None
+        keeps the optimizer's default (0 for sgd/adam, 0.01 for adamw).
     schedule : dict or None
         Learning-rate schedule spec for :func:`galpipe.nn.schedules.make_schedule`
         (None: constant ``lr``).
@@ -140,7 +141,7 @@ class TrainConfig:
     optimizer: str = "adam"
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     schedule: dict[str, Any] | None = None
     grad_clip: float | None = None
     label_smoothing: float = 0.0
@@ -168,8 +169,10 @@ class TrainConfig:
             setattr(self, key, int(v))
         if not _is_num(self.lr) or not self.lr > 0 or not math.isfinite(self.lr):
             raise bad("lr", "a positive number")
-        if not _is_num(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
-            raise bad("weight_decay", "a number >= 0")
+        if self.weight_decay is not None and (
+            not _is_num(self.weight_decay) or not 0 <= self.weight_decay < math.inf
+        ):
+            raise bad("weight_decay", "a number >= 0 or null")
         if not _is_num(self.min_delta) or not 0 <= self.min_delta < math.inf:
             raise bad("min_delta", "a number >= 0")
         if self.grad_clip is not None and (not _is_num(self.grad_clip) or not self.grad_clip > 0):
@@ -185,10 +188,16 @@ class TrainConfig:
             raise bad("early_stopping_patience", "an integer >= 0 or null")
         if not isinstance(self.augment, bool):
             raise bad("augment", "true or false")
-        if not isinstance(self.optimizer, str):
-            raise bad("optimizer", "a string such as 'adam'")
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {sorted(OPTIMIZERS)}")
         if not isinstance(self.optimizer_kwargs, dict):
             raise bad("optimizer_kwargs", "a mapping")
+        clash = sorted({"lr", "weight_decay", "params"} & set(self.optimizer_kwargs))
+        if clash:
+            raise ConfigError(
+                f"training config: optimizer_kwargs must not contain {clash}; set them as "
+                "top-level keys (lr, weight_decay)"
+            )
         if self.schedule is not None and not isinstance(self.schedule, dict):
             raise bad("schedule", "a mapping or null")
 
@@ -312,13 +321,6 @@ class History:
 
 
 # --------------------------------------------------------------------------- metrics
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax over the last axis, float64, shape as ``logits``."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     """Mean per-class recall over the classes present in ``y_true`` (shape ``(N,)`` each).
 
@@ -379,7 +381,7 @@ def evaluate(
     p_all: list[np.ndarray] = []
     for xb, yb in ds.iter_batches(batch_size, shuffle=False):
         logits = model.forward(xb, training=False)
-        logp = log_softmax(logits)
+        logp = log_softmax(np.asarray(logits, dtype=np.float64))
         nll = -logp[np.arange(len(yb)), yb]
         w = np.ones(len(yb)) if class_weights is None else np.asarray(class_weights)[yb]
         total += float(np.sum(w * nll))
@@ -681,10 +683,13 @@ def fit(
         if np.any(counts == 0):
             emit(f"warning: classes {np.flatnonzero(counts == 0).tolist()} have no training rows")
     loss_fn = SoftmaxCrossEntropy(class_weights=weights, label_smoothing=cfg.label_smoothing)
-    optimizer = make_optimizer(
-        cfg.optimizer, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-        **cfg.optimizer_kwargs,
-    )
+    opt_kwargs = dict(cfg.optimizer_kwargs)
+    if cfg.weight_decay is not None:
+        opt_kwargs["weight_decay"] = cfg.weight_decay
+    try:
+        optimizer = make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, **opt_kwargs)
+    except ModelError as exc:
+        raise ConfigError(f"training config: optimizer_kwargs: {exc}") from exc
     steps_per_epoch = math.ceil(train_ds.n_rows / cfg.batch_size)
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch)
 
@@ -723,7 +728,7 @@ def fit(
                         f"training diverged: loss is {loss} at epoch {epoch + 1}, step "
                         f"{st.step} (lr={lr:g}); lower the learning rate or set grad_clip"
                     )
-                model.backward(loss_fn.backward())
+                model.backward(loss_fn.backward(), input_grad=False)
                 grads = model.gradients()
                 if cfg.grad_clip is not None:
                     clip_grad_norm(grads, cfg.grad_clip)

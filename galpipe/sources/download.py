@@ -511,6 +511,8 @@ class Downloader:
             raise RetryableError(f"truncated body ({exc})") from exc
         except requests.exceptions.ContentDecodingError as exc:
             raise RetryableError(f"undecodable body ({exc})") from exc
+        except requests.RequestException as exc:  # invalid URL, redirect loop, ...: permanent
+            raise FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:
             parsed = parse(body)
         except VerificationError as exc:

@@ -69,13 +69,15 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from galpipe.errors import ConfigError
+from galpipe.sources.sdss_photometry import pixel_noise_sigma
 
 FAULT_KINDS: tuple[str, ...] = ("500", "503", "slow", "truncated", "corrupt", "html200")
 ENDPOINTS: tuple[str, ...] = ("sql", "frame", "jpeg")
 BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
 PIXEL_SCALE = 0.396  # arcsec / pixel, SDSS imaging
 PSF_FWHM = 1.3  # arcsec
-SKY_SIGMA: dict[str, float] = {"u": 0.03, "g": 0.006, "r": 0.008, "i": 0.012, "z": 0.04}
+#: Per-pixel noise of a sky-subtracted frame (nanomaggies), from SDSS camera figures.
+SKY_SIGMA: dict[str, float] = {b: pixel_noise_sigma(b) for b in ("u", "g", "r", "i", "z")}
 #: Per-band CRPIX offsets (x, y) in pixels: frames of a field are not pixel-aligned.
 BAND_OFFSET: dict[str, tuple[float, float]] = {
     "u": (-3.0, 1.5),
@@ -608,7 +610,7 @@ def execute_sql(table: pd.DataFrame, sql: str, *, row_limit: int) -> tuple[list[
                 name = _resolve(tables, match["t"], match["c"])
                 if name == "objid":
                     col_i = rows[name].to_numpy(dtype=np.int64)
-                    val: float | int = int(float(match["v"]))
+                    val: float | int = int(match["v"]) if "." not in match["v"] else float(match["v"])
                     col: np.ndarray = col_i
                 else:
                     col = rows[name].to_numpy(dtype=float)
@@ -742,8 +744,7 @@ class FakeSkyServer:
         class Handler(_Handler):
             owner = server
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
-        httpd.daemon_threads = True
+        httpd = _QuietServer(("127.0.0.1", self._port), Handler)
         self._httpd = httpd
         self._port = int(httpd.server_address[1])
         self._thread = threading.Thread(
@@ -933,6 +934,19 @@ def _corrupt(endpoint: str, body: bytes) -> bytes:
     return body[: max(2, len(body) // 2)]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Threaded server that does not print tracebacks for clients hanging up."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeSkyServer
     protocol_version = "HTTP/1.1"
@@ -950,8 +964,6 @@ class _Handler(BaseHTTPRequestHandler):
         fault = None
         if reply.status == 200:
             fault = srv._decide_fault(endpoint, parts.path + "?" + parts.query)
-        if srv.latency > 0:
-            time.sleep(srv.latency)
         status = reply.status
         body = reply.body
         headers = dict(reply.headers)
@@ -969,8 +981,6 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "truncated":
             declared = len(body)
             body = body[: max(1, len(body) // 2)]
-        elif fault == "slow":
-            time.sleep(srv.faults.slow_s)
         srv._record(
             {
                 "t": arrival,
@@ -984,6 +994,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "bytes": len(body),
             }
         )
+        # logged at once (tests read the log as soon as their client gives up), answered later
+        time.sleep(srv.latency + (srv.faults.slow_s if fault == "slow" else 0.0))
         try:
             self.send_response(status)
             self.send_header("Content-Type", ctype)

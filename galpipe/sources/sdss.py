@@ -50,6 +50,7 @@ import math
 import random
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -234,10 +235,11 @@ MAX_OBJID = 2**63 - 1
 # --------------------------------------------------------------------------- validation
 def _lookup(params: Mapping[str, Any] | None, path: str) -> Any:
     """Value of dotted ``path`` in ``params`` (the ``sdss:`` section), else the default."""
-    node: Any = params if params is not None else {}
     default: Any = DEFAULTS
     for part in path.split("."):
-        default = default[part] if isinstance(default, Mapping) else None
+        default = default.get(part) if isinstance(default, Mapping) else None
+    node: Any = params if params is not None else {}
+    for part in path.split("."):
         if isinstance(node, Mapping) and part in node:
             node = node[part]
         else:
@@ -501,7 +503,11 @@ def build_page_sql(params: Mapping[str, Any] | None, label: str, *, top: int, af
 
 
 def build_queries(params: Mapping[str, Any] | None) -> dict[str, str]:
-    """First-page SQL of every selected class (a dry run of what will be sent)."""
+    """First-page SQL of every selected class (a dry run of what will be sent).
+
+    Validates every setting that reaches SQL (and ``data_release``) first.
+    """
+    data_release(params)
     page = query_settings(params)["page_size"]
     n = _integer(params, "selection.n_per_class", 1, 10_000_000)
     return {label: build_page_sql(params, label, top=min(page, n)) for label in label_classes(params)}
@@ -566,7 +572,14 @@ def _run_query(
     def attempt() -> pd.DataFrame | None:
         stats["queries"] = stats.get("queries", 0) + 1
         try:
-            table = sdss.query_sql(sql, data_release=dr, timeout=settings["timeout_s"], cache=False)
+            with warnings.catch_warnings():
+                # ids above 2**63 (DR17 spectra) are read as text; astroquery casts them to uint64
+                warnings.filterwarnings(
+                    "ignore", message=r"OverflowError converting to IntType in column .*obj"
+                )
+                table = sdss.query_sql(
+                    sql, data_release=dr, timeout=settings["timeout_s"], cache=False
+                )
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status in RETRY_STATUSES:
@@ -593,6 +606,12 @@ def _run_query(
             ) from exc
         if table is None:
             return None
+        # SQL Server may echo a column in its table's spelling (objID): match case-insensitively
+        lower = {name.lower(): name for name in expected}
+        for col in list(table.colnames):
+            want = lower.get(col.lower())
+            if want is not None and want != col and want not in table.colnames:
+                table.rename_column(col, want)
         missing = [c for c in expected if c not in table.colnames]
         if missing:
             if junk_left[0] > 0:

@@ -305,7 +305,9 @@ def _existing_ok(path: Path, bands: Sequence[str], size: int) -> int | None:
     if not path.is_file():
         return None
     try:
-        cut = read_cutout(path, bands=bands)
+        with warnings.catch_warnings():  # called before any worker thread starts
+            warnings.simplefilter("ignore")
+            cut = read_cutout(path, bands=bands)
     except DataError:
         return None
     if cut.data.shape[1:] != (size, size):
@@ -351,23 +353,39 @@ def _load_frame(
 
 
 def _cut_stamp(frames: Sequence[Frame], ra: float, dec: float, size: int) -> tuple[np.ndarray, list[Any], int, float]:
-    """Stamps of shape ``(n_bands, size, size)``, their WCSs, filled-pixel count, scale."""
+    """Cut one galaxy's stamp from each band's frame.
+
+    Parameters
+    ----------
+    frames : sequence of Frame
+        One decoded frame per band (``data`` of shape ``(ny, nx)``, own WCS).
+    ra, dec : float
+        Galaxy position (degrees); it lands on the stamp's central pixel.
+    size : int
+        Stamp side in pixels.
+
+    Returns
+    -------
+    stack : numpy.ndarray
+        float32, shape ``(n_bands, size, size)``; NaN where the stamp is off a frame.
+    wcss : list of astropy.wcs.WCS
+        The stamp WCS of each band (from ``Cutout2D``).
+    n_filled : int
+        Pixels NaN-filled in at least one band.
+    scale : float
+        Pixel scale of the first frame (arcsec/pixel).
+
+    Raises
+    ------
+    astropy.nddata.utils.NoOverlapError
+        The position is not on a frame at all.
+    """
     pos = SkyCoord(ra, dec, unit="deg", frame="icrs")
     stack = np.full((len(frames), size, size), np.nan, dtype=np.float32)
     filled = np.zeros((size, size), dtype=bool)
     wcss = []
     for k, fr in enumerate(frames):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cut = Cutout2D(
-                fr.data,
-                pos,
-                (size, size),
-                wcs=fr.wcs,
-                mode="partial",
-                fill_value=np.nan,
-                copy=True,
-            )
+        cut = Cutout2D(fr.data, pos, (size, size), wcs=fr.wcs, mode="partial", fill_value=np.nan, copy=True)
         stack[k] = cut.data
         outside = np.ones((size, size), dtype=bool)
         outside[cut.slices_cutout] = False

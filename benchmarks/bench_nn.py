@@ -1,0 +1,242 @@
+"""Speed of galpipe.nn against PyTorch (CPU) on the reference galaxy CNN.
+
+Network (channels-last 64x64x3 float32 input, batch 64)::
+
+    conv3x3(3->16)+ReLU+maxpool2, conv3x3(16->32)+ReLU+maxpool2,
+    conv3x3(32->64)+ReLU+maxpool2, flatten, dense(4096->128)+ReLU, dense(128->3)
+
+Measured, for 1 and 2 threads (``threadpoolctl.threadpool_limits``; galpipe's
+batch-chunk workers follow the BLAS thread count): training steps/s and images/s
+(forward, softmax cross-entropy, backward, Adam step) and inference images/s,
+each the median of ``--reps`` repetitions after warm-up.  If ``torch`` is
+importable, the identical network (same weights, checked) runs in PyTorch in the
+same process with ``torch.set_num_threads`` matching, in both channels-last and
+NCHW memory formats; ratios galpipe/PyTorch are reported against the *faster*
+PyTorch variant.
+
+``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` (set by some environments, they
+halve OpenBLAS matmul speed) are removed before NumPy is imported: the script
+re-executes itself without them and says so.
+
+Usage: ``python benchmarks/bench_nn.py [--reps 7] [--steps 10] [--threads 1,2]
+[--no-torch] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_BAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+_MARK = "_GALPIPE_BENCH_UNSET_ENV"
+if any(k in os.environ for k in _BAD_ENV) and "numpy" not in sys.modules:
+    removed = [f"{k}={os.environ.pop(k)}" for k in _BAD_ENV if k in os.environ]
+    os.environ[_MARK] = " ".join(removed)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+
+from galpipe.nn import Adam, SoftmaxCrossEntropy, build_model, get_num_workers  # noqa: E402
+
+SPEC: list[dict | str] = [
+    {"type": "conv2d", "filters": 16, "kernel_size": 3},
+    "relu",
+    {"type": "maxpool2d", "pool_size": 2},
+    {"type": "conv2d", "filters": 32, "kernel_size": 3},
+    "relu",
+    {"type": "maxpool2d", "pool_size": 2},
+    {"type": "conv2d", "filters": 64, "kernel_size": 3},
+    "relu",
+    {"type": "maxpool2d", "pool_size": 2},
+    "flatten",
+    {"type": "dense", "units": 128},
+    "relu",
+    {"type": "dense", "units": 3},
+]
+INPUT_SHAPE = (64, 64, 3)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (MiB; ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def timed(fn: Callable[[], object], reps: int, inner: int, warmup: int) -> float:
+    """Median seconds per call of ``fn`` over ``reps`` repetitions of ``inner`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def bench_galpipe(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    model = build_model(SPEC, INPUT_SHAPE, seed=0)
+    opt = Adam(model.parameters(), lr=1e-3)
+    loss = SoftmaxCrossEntropy()
+
+    def train_step() -> None:
+        logits = model.forward(x, training=True)
+        loss.forward(logits, y)
+        model.backward(loss.backward(), input_grad=False)
+        opt.step(model.gradients())
+
+    def infer() -> None:
+        model.forward(x, training=False)
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.steps):
+            train_step()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    t_train = timed(train_step, args.reps, args.steps, warmup=3)
+    t_infer = timed(infer, args.reps, args.steps, warmup=3)
+    return {"train": t_train, "infer": t_infer}
+
+
+def torch_net(torch: object, weights_from: dict[str, np.ndarray]) -> object:
+    """The same network in PyTorch, with galpipe's initial weights copied in."""
+    nn = torch.nn  # type: ignore[attr-defined]
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4096, 128), nn.ReLU(), nn.Linear(128, 3),
+    )
+    convs = [net[0], net[3], net[6]]
+    with torch.no_grad():  # type: ignore[attr-defined]
+        for conv, idx in zip(convs, (0, 3, 6), strict=True):
+            w = weights_from[f"{idx}.conv2d.W"].transpose(3, 2, 0, 1)
+            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))  # type: ignore
+            conv.bias.copy_(torch.from_numpy(weights_from[f"{idx}.conv2d.b"]))  # type: ignore
+        # galpipe flattens (h, w, c); torch flattens (c, h, w)
+        w1 = weights_from["10.dense.W"].reshape(8, 8, 64, 128).transpose(3, 2, 0, 1)
+        net[10].weight.copy_(torch.from_numpy(np.ascontiguousarray(w1.reshape(128, 4096))))
+        net[10].bias.copy_(torch.from_numpy(weights_from["10.dense.b"]))
+        net[12].weight.copy_(torch.from_numpy(np.ascontiguousarray(weights_from["12.dense.W"].T)))
+        net[12].bias.copy_(torch.from_numpy(weights_from["12.dense.b"]))
+    return net
+
+
+def bench_torch(
+    torch: object, x: np.ndarray, y: np.ndarray, args: argparse.Namespace, channels_last: bool
+) -> dict[str, float]:
+    ref = build_model(SPEC, INPUT_SHAPE, seed=0)
+    net = torch_net(torch, ref.parameters())
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # type: ignore[attr-defined]  # NHWC memory
+    if channels_last:
+        fmt = torch.channels_last  # type: ignore[attr-defined]
+        net = net.to(memory_format=fmt)  # type: ignore[attr-defined]
+        xt = xt.contiguous(memory_format=fmt)
+    else:
+        xt = xt.contiguous()
+    with torch.no_grad():  # type: ignore[attr-defined]
+        diff = np.max(np.abs(net(xt).numpy() - ref.forward(x)))  # type: ignore[operator]
+    if not diff < 1e-3:
+        raise SystemExit(f"PyTorch network differs from galpipe's: max |logit diff| {diff}")
+    yt = torch.from_numpy(y.astype(np.int64))  # type: ignore[attr-defined]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)  # type: ignore[attr-defined]
+    lossf = torch.nn.CrossEntropyLoss()  # type: ignore[attr-defined]
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        lossf(net(xt), yt).backward()  # type: ignore[operator]
+        opt.step()
+
+    def infer() -> None:
+        with torch.no_grad():  # type: ignore[attr-defined]
+            net(xt)  # type: ignore[operator]
+
+    t_train = timed(train_step, args.reps, args.steps, warmup=3)
+    t_infer = timed(infer, args.reps, args.steps, warmup=3)
+    return {"train": t_train, "infer": t_infer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=7, help="repetitions (median; >= 5)")
+    parser.add_argument("--steps", type=int, default=10, help="calls per repetition")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--profile", action="store_true", help="cProfile galpipe training")
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+
+    if os.environ.get(_MARK):
+        print(f"environment: unset {os.environ[_MARK]} before importing numpy (re-executed)")
+    else:
+        print("environment: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE were not set")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    for info in threadpool_info():
+        print(f"threadpool: {info.get('user_api')} {info.get('internal_api')} "
+              f"{info.get('version')} ({info.get('architecture', '?')}, "
+              f"{info.get('num_threads')} threads) {os.path.basename(info.get('filepath', ''))}")
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, *INPUT_SHAPE)).astype(np.float32)
+    y = rng.integers(0, 3, args.batch)
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    for n in threads:
+        with threadpool_limits(limits=n):
+            results[n] = {"galpipe": bench_galpipe(x, y, args)}
+            print(f"[{n} thread(s), galpipe workers={get_num_workers()}] done")
+    print(f"peak RSS after galpipe runs: {peak_rss_mib():.0f} MiB")
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch  # type: ignore[no-redef]
+        except ImportError:
+            print("torch not importable: PyTorch comparison skipped")
+    if torch is not None:
+        print(f"torch {torch.__version__}")
+        for n in threads:
+            torch.set_num_threads(n)
+            with threadpool_limits(limits=n):
+                results[n]["torch NHWC"] = bench_torch(torch, x, y, args, channels_last=True)
+                results[n]["torch NCHW"] = bench_torch(torch, x, y, args, channels_last=False)
+
+    b = args.batch
+    print()
+    print(f"batch {b}, input {INPUT_SHAPE}, median of {args.reps} x {args.steps} calls")
+    print(f"{'threads':>7}  {'impl':<11} {'train step/s':>12} {'train img/s':>11} "
+          f"{'infer img/s':>11}")
+    for n, res in results.items():
+        for impl, r in res.items():
+            print(f"{n:>7}  {impl:<11} {1 / r['train']:>12.2f} {b / r['train']:>11.0f} "
+                  f"{b / r['infer']:>11.0f}")
+    if torch is not None:
+        print()
+        for n, res in results.items():
+            g = res["galpipe"]
+            best_train = min(res["torch NHWC"]["train"], res["torch NCHW"]["train"])
+            best_infer = min(res["torch NHWC"]["infer"], res["torch NCHW"]["infer"])
+            print(f"ratio galpipe/PyTorch ({n} thread(s), vs the faster PyTorch layout): "
+                  f"training {best_train / g['train']:.2f}x, "
+                  f"inference {best_infer / g['infer']:.2f}x")
+    print(f"peak RSS (whole process): {peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
