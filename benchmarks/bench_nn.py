@@ -40,6 +40,7 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
@@ -69,20 +70,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def timed(fn: Callable[[], object], reps: int, inner: int, warmup: int) -> float:
-    """Median seconds per call of ``fn`` over ``reps`` repetitions of ``inner`` calls."""
-    for _ in range(warmup):
+def time_calls(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call of ``fn`` over ``calls`` consecutive calls."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
         fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+    return (time.perf_counter() - t0) / calls
 
 
-def bench_galpipe(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+def galpipe_impl(
+    x: np.ndarray, y: np.ndarray
+) -> tuple[Callable[[], None], Callable[[], None], Callable[[int], None]]:
+    """(train_step, infer, profile) closures for galpipe."""
     model = build_model(SPEC, INPUT_SHAPE, seed=0)
     opt = Adam(model.parameters(), lr=1e-3)
     loss = SoftmaxCrossEntropy()
@@ -96,36 +95,34 @@ def bench_galpipe(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dic
     def infer() -> None:
         model.forward(x, training=False)
 
-    if args.profile:
+    def profile(steps: int) -> None:
         import cProfile
         import pstats
 
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(args.steps):
+        for _ in range(steps):
             train_step()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-    t_train = timed(train_step, args.reps, args.steps, warmup=3)
-    t_infer = timed(infer, args.reps, args.steps, warmup=3)
-    return {"train": t_train, "infer": t_infer}
+
+    return train_step, infer, profile
 
 
-def torch_net(torch: object, weights_from: dict[str, np.ndarray]) -> object:
+def torch_net(torch: Any, weights_from: dict[str, np.ndarray]) -> Any:
     """The same network in PyTorch, with galpipe's initial weights copied in."""
-    nn = torch.nn  # type: ignore[attr-defined]
+    nn = torch.nn
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(4096, 128), nn.ReLU(), nn.Linear(128, 3),
     )
-    convs = [net[0], net[3], net[6]]
-    with torch.no_grad():  # type: ignore[attr-defined]
-        for conv, idx in zip(convs, (0, 3, 6), strict=True):
+    with torch.no_grad():
+        for idx in (0, 3, 6):
             w = weights_from[f"{idx}.conv2d.W"].transpose(3, 2, 0, 1)
-            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))  # type: ignore
-            conv.bias.copy_(torch.from_numpy(weights_from[f"{idx}.conv2d.b"]))  # type: ignore
+            net[idx].weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            net[idx].bias.copy_(torch.from_numpy(weights_from[f"{idx}.conv2d.b"]))
         # galpipe flattens (h, w, c); torch flattens (c, h, w)
         w1 = weights_from["10.dense.W"].reshape(8, 8, 64, 128).transpose(3, 2, 0, 1)
         net[10].weight.copy_(torch.from_numpy(np.ascontiguousarray(w1.reshape(128, 4096))))
@@ -135,38 +132,36 @@ def torch_net(torch: object, weights_from: dict[str, np.ndarray]) -> object:
     return net
 
 
-def bench_torch(
-    torch: object, x: np.ndarray, y: np.ndarray, args: argparse.Namespace, channels_last: bool
-) -> dict[str, float]:
+def torch_impl(
+    torch: Any, x: np.ndarray, y: np.ndarray, channels_last: bool
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(train_step, infer) closures for the same network in PyTorch (weights checked)."""
     ref = build_model(SPEC, INPUT_SHAPE, seed=0)
     net = torch_net(torch, ref.parameters())
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # type: ignore[attr-defined]  # NHWC memory
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view of the NHWC memory
     if channels_last:
-        fmt = torch.channels_last  # type: ignore[attr-defined]
-        net = net.to(memory_format=fmt)  # type: ignore[attr-defined]
-        xt = xt.contiguous(memory_format=fmt)
+        net = net.to(memory_format=torch.channels_last)
+        xt = xt.contiguous(memory_format=torch.channels_last)
     else:
         xt = xt.contiguous()
-    with torch.no_grad():  # type: ignore[attr-defined]
-        diff = np.max(np.abs(net(xt).numpy() - ref.forward(x)))  # type: ignore[operator]
+    with torch.no_grad():
+        diff = float(np.max(np.abs(net(xt).numpy() - ref.forward(x))))
     if not diff < 1e-3:
         raise SystemExit(f"PyTorch network differs from galpipe's: max |logit diff| {diff}")
-    yt = torch.from_numpy(y.astype(np.int64))  # type: ignore[attr-defined]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)  # type: ignore[attr-defined]
-    lossf = torch.nn.CrossEntropyLoss()  # type: ignore[attr-defined]
+    yt = torch.from_numpy(y.astype(np.int64))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    lossf = torch.nn.CrossEntropyLoss()
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
-        lossf(net(xt), yt).backward()  # type: ignore[operator]
+        lossf(net(xt), yt).backward()
         opt.step()
 
     def infer() -> None:
-        with torch.no_grad():  # type: ignore[attr-defined]
-            net(xt)  # type: ignore[operator]
+        with torch.no_grad():
+            net(xt)
 
-    t_train = timed(train_step, args.reps, args.steps, warmup=3)
-    t_infer = timed(infer, args.reps, args.steps, warmup=3)
-    return {"train": t_train, "infer": t_infer}
+    return train_step, infer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, *INPUT_SHAPE)).astype(np.float32)
     y = rng.integers(0, 3, args.batch)
-    results: dict[int, dict[str, dict[str, float]]] = {}
+
+    # galpipe alone first (before PyTorch is imported) for its peak memory
     for n in threads:
         with threadpool_limits(limits=n):
-            results[n] = {"galpipe": bench_galpipe(x, y, args)}
-            print(f"[{n} thread(s), galpipe workers={get_num_workers()}] done")
-    print(f"peak RSS after galpipe runs: {peak_rss_mib():.0f} MiB")
+            g_train, g_infer, _ = galpipe_impl(x, y)
+            time_calls(g_train, 3)
+            time_calls(g_infer, 3)
+    rss_galpipe = peak_rss_mib()
+    print(f"peak RSS with galpipe alone (before importing PyTorch): {rss_galpipe:.0f} MiB")
 
     torch = None
     if not args.no_torch:
@@ -209,12 +207,39 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("torch not importable: PyTorch comparison skipped")
     if torch is not None:
-        print(f"torch {torch.__version__}")
-        for n in threads:
-            torch.set_num_threads(n)
-            with threadpool_limits(limits=n):
-                results[n]["torch NHWC"] = bench_torch(torch, x, y, args, channels_last=True)
-                results[n]["torch NCHW"] = bench_torch(torch, x, y, args, channels_last=False)
+        print(f"torch {torch.__version__} (threads set with torch.set_num_threads to match)")
+
+    # Implementations are timed in interleaved repetitions (galpipe, torch, galpipe, ...)
+    # so that load from other processes affects all of them alike.
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    for n in threads:
+        with threadpool_limits(limits=n):
+            if torch is not None:
+                torch.set_num_threads(n)
+            g_train, g_infer, g_profile = galpipe_impl(x, y)
+            impls: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+                "galpipe": (g_train, g_infer)
+            }
+            if args.profile:
+                g_profile(args.steps)
+            if torch is not None:
+                impls["torch NHWC"] = torch_impl(torch, x, y, channels_last=True)
+                impls["torch NCHW"] = torch_impl(torch, x, y, channels_last=False)
+            times: dict[str, dict[str, list[float]]] = {
+                k: {"train": [], "infer": []} for k in impls
+            }
+            for mode, idx in (("train", 0), ("infer", 1)):
+                for fns in impls.values():
+                    time_calls(fns[idx], 3)  # warm-up
+                for _ in range(args.reps):
+                    for name, fns in impls.items():
+                        times[name][mode].append(time_calls(fns[idx], args.steps))
+            results[n] = {
+                name: {m: statistics.median(v) for m, v in t.items()}
+                for name, t in times.items()
+            }
+            print(f"[{n} thread(s): galpipe workers={get_num_workers()}, load average "
+                  f"{os.getloadavg()[0]:.2f}]")
 
     b = args.batch
     print()
@@ -234,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ratio galpipe/PyTorch ({n} thread(s), vs the faster PyTorch layout): "
                   f"training {best_train / g['train']:.2f}x, "
                   f"inference {best_infer / g['infer']:.2f}x")
-    print(f"peak RSS (whole process): {peak_rss_mib():.0f} MiB")
+    print(f"peak RSS: galpipe alone {rss_galpipe:.0f} MiB; whole process at the end "
+          f"{peak_rss_mib():.0f} MiB")
     return 0
 
 

@@ -226,8 +226,13 @@ def _galleries(test: PathLike, y: np.ndarray, proba: np.ndarray, classes: Sequen
 
 
 def leaderboard(experiments: Sequence[str], metrics_files: Sequence[PathLike], info_files: Sequence[PathLike],
-                table_out: PathLike, figure_out: PathLike) -> pd.DataFrame:
-    """One row per experiment: headline metrics with 95% intervals, time, parameters."""
+                table_out: PathLike, figure_out: PathLike, *, html_out: PathLike | None = None) -> pd.DataFrame:
+    """One row per experiment: headline metrics with 95% intervals, time, parameters.
+
+    Writes the table as CSV (``table_out``), the comparison chart (``figure_out``)
+    and, when ``html_out`` is given, the same table as a self-contained HTML page
+    (:func:`leaderboard_html`) for the Snakemake report, which shows HTML but not CSV.
+    """
     from galpipe import plots as P
 
     rows = []
@@ -250,8 +255,73 @@ def leaderboard(experiments: Sequence[str], metrics_files: Sequence[PathLike], i
     df = pd.DataFrame(rows).sort_values("balanced_accuracy", ascending=False, kind="stable").reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     atomic_write_text(table_out, df.to_csv(index=False, float_format="%.6g"))
+    if html_out is not None:
+        atomic_write_text(html_out, leaderboard_html(df))
     P.plot_comparison(df, figure_out, metric="balanced_accuracy")
     return df
+
+
+#: Leaderboard columns shown in the HTML table: (column, header); metrics get their CI below.
+_HTML_COLUMNS = (("rank", "rank"), ("experiment", "experiment"), ("inputs", "inputs"),
+                 ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
+                 ("macro_auc", "macro AUC"), ("ece", "ECE"), ("tta_balanced_accuracy", "balanced accuracy, TTA"),
+                 ("n_params", "parameters"), ("epochs_run", "epochs"), ("train_seconds", "training time (s)"),
+                 ("n_test", "test galaxies"), ("description", "description"))
+
+_HTML_STYLE = """body{font-family:system-ui,sans-serif;font-size:14px;margin:1.5em;color:#1e293b}
+table{border-collapse:collapse}th,td{padding:.35em .7em;border-bottom:1px solid #cbd5e1;vertical-align:top}
+th{background:#f1f5f9;text-align:left}td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+td.text{min-width:14em;max-width:32em}small{color:#64748b}"""
+
+
+def _html_cell(row: Mapping[str, Any], col: str) -> str:
+    from html import escape
+
+    value = row.get(col)
+    missing = value is None or (isinstance(value, float) and not np.isfinite(value))
+    if col in HEADLINE or col.startswith("tta_"):
+        if missing:
+            return '<td class="num">&ndash;</td>'
+        lo, hi = row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
+        ci = (f"<br><small>[{lo:.3f}, {hi:.3f}]</small>"
+              if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi) else "")
+        return f'<td class="num">{value:.3f}{ci}</td>'
+    if missing:
+        return "<td></td>"
+    if isinstance(value, int | np.integer):
+        return f'<td class="num">{int(value):,}</td>'
+    if isinstance(value, float | np.floating):
+        return f'<td class="num">{value:.2f}</td>'
+    return f'<td class="text">{escape(str(value))}</td>' if col == "description" else f"<td>{escape(str(value))}</td>"
+
+
+def leaderboard_html(df: pd.DataFrame) -> str:
+    """The leaderboard as a self-contained HTML page (one table row per experiment).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The frame returned by :func:`leaderboard` (one row per experiment,
+        best first); metric columns absent from it are left out of the table.
+
+    Returns
+    -------
+    str
+        An HTML document: a ``<table>`` whose metric cells show the value and
+        its bootstrap 95% interval.
+    """
+    cols = [(c, h) for c, h in _HTML_COLUMNS if c in df.columns]
+    head = "".join(f"<th>{h}</th>" for _, h in cols)
+    rows = []
+    for rec in df.to_dict("records"):
+        rows.append("<tr>" + "".join(_html_cell(rec, c) for c, _ in cols) + "</tr>")
+    body = "\n".join(rows)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>galpipe leaderboard</title>'
+            f"<style>{_HTML_STYLE}</style></head>\n<body>\n<h1>Leaderboard</h1>\n"
+            "<p>Test-split metrics of every experiment, best balanced accuracy first; "
+            "bootstrap 95% confidence intervals in brackets.</p>\n"
+            f'<table id="leaderboard">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n'
+            "</body>\n</html>\n")
 
 
 def check_architectures(cfg: Mapping[str, Any], experiments: Mapping[str, Mapping[str, Any]]) -> None:

@@ -39,7 +39,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 # --------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary file lives in the same directory (same filesystem) so the
@@ -50,6 +50,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     ----------
     path : path-like
         Final destination.
+    durable : bool
+        Also ``fsync`` the file before the rename, so it survives a power
+        loss, not only a killed process (slow for many small files).
 
     Yields
     ------
@@ -66,8 +69,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise DataError(f"atomic write of {final}: nothing was written")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -9,8 +9,10 @@ normalisation stored in ``model.json``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from astropy.io import fits
 
 from galpipe.catalogue import write_arrow, write_table
 from galpipe.errors import ConfigError, DataError
@@ -28,6 +31,7 @@ from galpipe.sources.images import IMAGE_SUFFIXES, load_image, read_labels
 log = logging.getLogger("galpipe")
 PathLike = str | os.PathLike[str]
 CATALOGUE_SUFFIXES = {".parquet", ".csv"}
+FITS_SUFFIXES = {".fits", ".fit", ".fts"}
 
 
 def _preprocess(paths: Iterable[PathLike], meta: Mapping[str, Any], crop_fraction: float | None
@@ -95,6 +99,8 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
     if meta.get("inputs") == "features":
         raise ConfigError(f"model {model_dir} is a catalogue-feature baseline; predict needs an image model")
     src = Path(input_path)
+    if not src.exists():
+        raise DataError(f"predict input {src}: not found")
     if src.is_dir():
         files = [str(p) for p in _image_files(src)]
     elif src.suffix.lower() in CATALOGUE_SUFFIXES:
@@ -102,10 +108,8 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
             files = _catalogue_cutouts(src, config, Path(tmp))
             x, kept, failed = _preprocess(files, meta, 1.0)
         return _write_predictions(model, meta, x, kept, failed, output, tta, mc_dropout, seed, predict_proba)
-    elif src.is_file():
-        files = [str(src)]
     else:
-        raise DataError(f"predict input {src}: not found")
+        files = [str(src)]
     if not files:
         raise DataError(f"predict input {src}: no JPEG/PNG/FITS files found")
     x, kept, failed = _preprocess(files, meta, crop_fraction)
@@ -113,14 +117,23 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
 
 
 def _objid_of(path: str) -> int | None:
-    stem = Path(path).stem
-    return int(stem) if stem.lstrip("-").isdigit() and len(stem) < 20 else None
+    """The object id of an input: the FITS header's ``OBJID``, else the file name when it is an integer."""
+    p = Path(path)
+    if p.suffix.lower() in FITS_SUFFIXES:
+        with contextlib.suppress(OSError, KeyError, ValueError, TypeError):
+            value = fits.getval(p, "OBJID", ext=0)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    if re.fullmatch(r"-?\d{1,19}", p.stem):
+        value = int(p.stem)
+        return value if -(2**63) <= value < 2**63 else None
+    return None
 
 
 def _write_predictions(model: Any, meta: Mapping[str, Any], x: np.ndarray, kept: list[str], failed: list[str],
                        output: PathLike, tta: bool, mc_dropout: int, seed: int, predict_proba: Any) -> pd.DataFrame:
     if len(x) == 0:
-        raise DataError("no image could be read: " + "; ".join(failed[:3]))
+        raise DataError("no image could be read: " + ("; ".join(failed[:3]) or "no cutout could be made"))
     classes = list(meta["classes"])
     res = predict_proba(model, x, tta=tta, mc_dropout=mc_dropout, seed=seed)
     df = pd.DataFrame({"source_path": kept, "objid": pd.array([_objid_of(p) for p in kept], dtype="Int64")})

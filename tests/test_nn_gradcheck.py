@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import galpipe.nn.conv as conv_mod
 from galpipe.nn import (
     ELU,
     GELU,
@@ -63,6 +64,29 @@ def workers(request: pytest.FixtureRequest):
     set_num_workers(None)
 
 
+CONV_MODES = {
+    # name: (PIECE_BYTES, SMALL_PATCH_BELOW, workers)
+    "default": (None, None, 1),
+    "pieces-2workers": (1, None, 2),
+    "row-patches": (1, 0, 2),
+    "transposed-patches": (1, 10**6, 2),
+}
+
+
+@pytest.fixture(params=sorted(CONV_MODES))
+def conv_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Exercise every convolution code path: one piece per sample, 2 workers, both
+    patch layouts."""
+    piece, small, workers = CONV_MODES[request.param]
+    if piece is not None:
+        monkeypatch.setattr(conv_mod, "PIECE_BYTES", piece)
+    if small is not None:
+        monkeypatch.setattr(conv_mod, "SMALL_PATCH_BELOW", small)
+    set_num_workers(workers)
+    yield request.param
+    set_num_workers(None)
+
+
 CONV_CASES = [
     # (input (N, H, W, C), kwargs)
     ((2, 6, 6, 3), {"filters": 4}),
@@ -76,11 +100,13 @@ CONV_CASES = [
     ((2, 5, 5, 2), {"filters": 3, "kernel_size": 1, "padding": 1}),
     ((2, 6, 6, 3), {"filters": 4, "use_bias": False}),
     ((3, 5, 5, 1), {"filters": 2, "kernel_size": 5, "padding": "valid"}),
+    ((2, 5, 5, 7), {"filters": 3}),
+    ((3, 6, 5, 6), {"filters": 2, "stride": 2, "padding": "valid"}),
 ]
 
 
 @pytest.mark.parametrize(("shape", "kwargs"), CONV_CASES)
-def test_conv2d_gradients(workers: int, shape: tuple[int, ...], kwargs: dict) -> None:
+def test_conv2d_gradients(conv_mode: str, shape: tuple[int, ...], kwargs: dict) -> None:
     layer = Conv2D(**kwargs)
     keys = {"x", "W"} | ({"b"} if kwargs.get("use_bias", True) else set())
     _assert_ok(check_layer_gradients(layer, _x(shape)), keys)
@@ -194,14 +220,36 @@ def test_residual_gradients(projection: str | None) -> None:
     _assert_ok(check_layer_gradients(block, _x((2, 5, 5, 3))), keys)
 
 
-def test_sequential_with_fused_relu_maxpool_gradients(workers: int) -> None:
+def test_sequential_with_fused_steps_gradients(conv_mode: str) -> None:
     net = Sequential(
-        [{"type": "conv2d", "filters": 3}, "relu", "maxpool2d", "flatten",
-         {"type": "dense", "units": 4}, "leaky_relu", {"type": "dense", "units": 2}]
+        [{"type": "conv2d", "filters": 6}, "relu",  # conv_relu
+         {"type": "conv2d", "filters": 3}, "relu", "maxpool2d",  # conv_relu_pool
+         "tanh", "relu", "maxpool2d",  # relu_pool
+         "flatten", {"type": "dense", "units": 4}, "leaky_relu", {"type": "dense", "units": 2}]
     )
-    x = _x((3, 6, 6, 2), seed=5)
+    x = _x((3, 8, 8, 2), seed=5)
     errors = check_layer_gradients(net, x)
+    assert [kind for kind, _ in net._plan][:3] == ["conv_relu", "conv_relu_pool", "single"]
+    assert "relu_pool" in [kind for kind, _ in net._plan]
     _assert_ok(errors, {"x"} | set(net.params))
+
+
+def test_fused_and_unfused_execution_agree() -> None:
+    """The fused conv/relu/pool steps compute exactly what the separate layers compute."""
+    spec = [{"type": "conv2d", "filters": 8}, "relu", "maxpool2d",
+            {"type": "conv2d", "filters": 4}, "relu", "flatten", {"type": "dense", "units": 3}]
+    from galpipe.nn import build_model
+
+    x = np.random.default_rng(0).standard_normal((5, 8, 8, 3)).astype(np.float32)
+    d = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    fused = build_model(spec, (8, 8, 3), seed=3)
+    plain = build_model(spec, (8, 8, 3), seed=3)
+    plain._plan = [("single", (i,)) for i in range(len(plain.layers))]
+    for training in (False, True):
+        np.testing.assert_array_equal(fused.forward(x, training), plain.forward(x, training))
+    np.testing.assert_array_equal(fused.backward(d), plain.backward(d))
+    for k, g in fused.gradients().items():
+        np.testing.assert_array_equal(g, plain.gradients()[k])
 
 
 def test_every_registered_layer_type_is_checked() -> None:

@@ -59,13 +59,14 @@ def _moments_q(img: np.ndarray) -> float:
 
 
 def _azimuthal_residual(img: np.ndarray) -> float:
-    """Relative power left after subtracting the azimuthal mean in 1-pixel rings."""
+    """Relative power left after subtracting the azimuthal mean in thin (0.25 px) rings."""
     n = img.shape[0]
     y, x = np.mgrid[:n, :n] - (n - 1) / 2.0
-    ring = np.hypot(x, y).astype(int)
-    mean = np.bincount(ring.ravel(), img.ravel()) / np.bincount(ring.ravel())
+    radius = np.hypot(x, y)
+    ring = (radius / 0.25).astype(int)
+    mean = np.bincount(ring.ravel(), img.ravel()) / np.maximum(np.bincount(ring.ravel()), 1)
     resid = img - mean[ring]
-    disc = (ring >= 3) & (ring < n // 2)
+    disc = (radius >= 4) & (radius < n // 2)
     return float((resid[disc] ** 2).sum() / (img[disc] ** 2).sum())
 
 
@@ -321,6 +322,12 @@ def test_render_bad_input(cat: pd.DataFrame) -> None:
         render_galaxy({**row, "label": "irregular"}, bands=BANDS, size=32, seed=1)
     with pytest.raises(ConfigError, match="size"):
         render_galaxy(row, bands=BANDS, size=4, seed=1)
+    spiral = _first(cat, "spiral")
+    for key, value in (("q", 0.0), ("psf_fwhm", -1.0), ("hlr_disc", float("nan")), ("n_bulge", 9.0)):
+        with pytest.raises(DataError, match=key):
+            render_galaxy({**spiral, key: value}, bands=BANDS, size=32, seed=1)
+    with pytest.raises(DataError, match="non-finite"):
+        render_galaxy({**spiral, "flux_disc_r": float("inf")}, bands=BANDS, size=32, seed=1)
 
 
 # --------------------------------------------------------------------------- cutouts

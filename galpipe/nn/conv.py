@@ -295,6 +295,23 @@ class Conv2D(Layer):
         The batch is processed in pieces of a few samples whose im2col matrix stays
         in cache (im2col, then one GEMM per piece), pieces spread over the workers.
         """
+        return self._forward(x, training, None)
+
+    def forward_fused(self, x: np.ndarray, training: bool, post: str) -> np.ndarray:
+        """Convolution followed by ``relu`` (``post="relu"``) or by ``relu`` and a 2x2
+        stride-2 max-pool (``post="relu_pool"``), applied piece by piece while the
+        convolution output is still in cache.
+
+        Values and gradients are exactly those of the separate layers
+        (:class:`~galpipe.nn.activations.ReLU`, :class:`~galpipe.nn.pooling.MaxPool2D`,
+        same tie rule); the full-resolution activation is never written to memory.
+        Used by :class:`~galpipe.nn.model.Sequential`; pair with :meth:`backward_fused`.
+        """
+        if post not in ("relu", "relu_pool"):
+            raise ModelError(f"conv2d: unknown fused post-op {post!r}")
+        return self._forward(x, training, post)
+
+    def _forward(self, x: np.ndarray, training: bool, post: str | None) -> np.ndarray:
         self._ensure_built(x)
         if x.ndim != 4 or x.shape[1:] != self.input_shape:
             raise ModelError(
@@ -319,11 +336,14 @@ class Conv2D(Layer):
             if padded
             else x
         )
-        out = np.empty((n, ho, wo, f), dtype=dt)
-        out2 = out.reshape(n * mp, f)
+        pool = post == "relu_pool"
+        if pool and (ho % 2 or wo % 2):
+            raise ModelError("conv2d: fused 2x2 max-pool needs an even output size")
+        out = np.empty((n, ho // 2, wo // 2, f) if pool else (n, ho, wo, f), dtype=dt)
+        out2 = out.reshape(-1, f)
         ps = self._piece_size(n, kk, dt.itemsize)
         n_pieces = -(-n // ps)
-        chunks = plan_chunks(n_pieces)
+        nk = len(plan_chunks(n_pieces))
         transposed = kw * c < SMALL_PATCH_BELOW
         keep = training and transposed
         if keep:
@@ -332,30 +352,44 @@ class Conv2D(Layer):
             self._scratch("cols_t", k, (kk, ps * mp), dt)
             if transposed
             else self._scratch("cols", k, (ps * mp, kk), dt, bias_col=self.use_bias)
-            for k in range(len(chunks))
+            for k in range(nk)
         ]
         if transposed and self.use_bias:
             for buf in [*scratch, *([store] if keep else [])]:
                 if buf[-1, 0] != 1:
                     buf[-1] = 1.0  # ones row for the bias, set once
+        if pool:
+            ys = [self._scratch("y", k, (ps * mp, f), dt) for k in range(nk)]
+            lower = np.empty((n, ho // 2, wo, f), dtype=bool) if training else None
+            right = np.empty(out.shape, dtype=bool) if training else None
 
         def work(k: int, lo: int, hi: int) -> None:
             for a in range(lo * ps, min(hi * ps, n), ps):
                 b = min(a + ps, n)
+                m = b - a
                 if padded:
                     xp[a:b, pt : pt + h, pl : pl + w, :] = x[a:b]
+                y = ys[k][: m * mp] if pool else out2[a * mp : b * mp]
                 if transposed:
-                    blk_t = store[:, a * mp : b * mp] if keep else scratch[k][:, : (b - a) * mp]
+                    blk_t = store[:, a * mp : b * mp] if keep else scratch[k][:, : m * mp]
                     im2col_t(xp[a:b], blk_t, kh, kw, sh, sw, ho, wo)
-                    np.matmul(blk_t.T, wmat, out=out2[a * mp : b * mp])
+                    np.matmul(blk_t.T, wmat, out=y)
                 else:
-                    blk = scratch[k][: (b - a) * mp]
+                    blk = scratch[k][: m * mp]
                     im2col_rows(xp[a:b], blk, kh, kw, sh, sw, ho, wo)
-                    np.matmul(blk, wmat, out=out2[a * mp : b * mp])
+                    np.matmul(blk, wmat, out=y)
+                if pool:
+                    _pool2x2_relu(y.reshape(m, ho, wo, f), out[a:b],
+                                  lower[a:b] if lower is not None else None,
+                                  right[a:b] if right is not None else None)
+                elif post == "relu":
+                    np.maximum(y, 0, out=y)
 
         parallel_chunks(work, n_pieces, with_index=True)
-        self._cache = {"xp": xp, "n": n, "cols_all": store if keep else None,
-                       "transposed": transposed}
+        self._cache = {
+            "xp": xp, "n": n, "cols_all": store if keep else None, "transposed": transposed,
+            "post": post, "out": out if post else None, "winners": (lower, right) if pool and training else None,
+        }
         return out
 
     # -- backward ------------------------------------------------------------------------
@@ -366,11 +400,26 @@ class Conv2D(Layer):
         im2col matrix: the GEMMs then read from cache).  Returns ``None`` when
         :attr:`input_grad_needed` is False.
         """
+        if self._cache.get("post"):
+            raise ModelError("conv2d: the last forward was fused; call backward_fused")
+        return self._backward(dout)
+
+    def backward_fused(self, dout: np.ndarray) -> np.ndarray | None:
+        """Backward pass of :meth:`forward_fused`: ``dout`` is the gradient w.r.t. the
+        fused output (pooled, after ReLU)."""
+        if not self._cache.get("post"):
+            raise ModelError("conv2d: backward_fused called without forward_fused")
+        return self._backward(dout)
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray | None:
         if not self._cache:
             raise ModelError("conv2d: backward called before forward")
         xp: np.ndarray = self._cache["xp"]
         n: int = self._cache["n"]
         stored: np.ndarray | None = self._cache["cols_all"]
+        post: str | None = self._cache["post"]
+        fused_out: np.ndarray | None = self._cache["out"]
+        winners: tuple[np.ndarray, np.ndarray] | None = self._cache["winners"]
         dt = xp.dtype
         dout = np.ascontiguousarray(dout, dtype=dt)
         h, w, c = self.input_shape
@@ -382,11 +431,13 @@ class Conv2D(Layer):
         k_ = kh * kw * c
         kk = k_ + (1 if self.use_bias else 0)
         mp = ho * wo
-        if dout.shape != (n, ho, wo, f):
+        expected = fused_out.shape if fused_out is not None else (n, ho, wo, f)
+        if dout.shape != expected:
             raise ModelError(
-                f"conv2d: backward expects a gradient of shape {(n, ho, wo, f)}, got {dout.shape}"
+                f"conv2d: backward expects a gradient of shape {expected}, got {dout.shape}"
             )
-        d2 = dout.reshape(n * mp, f)
+        if post == "relu_pool" and winners is None:
+            raise ModelError("conv2d: fused max-pool backward needs a forward(training=True)")
         need_dx = self.input_grad_needed
         full = need_dx and self._full_corr
         padded = bool(pt or pb or pl or pr)
@@ -394,8 +445,7 @@ class Conv2D(Layer):
         width = max(kk, kh * kw * f) if full else kk
         ps = self._piece_size(n, width, dt.itemsize)
         n_pieces = -(-n // ps)
-        chunks = plan_chunks(n_pieces)
-        nk = len(chunks)
+        nk = len(plan_chunks(n_pieces))
         transposed: bool = self._cache["transposed"]
         if stored is None:
             cols = [
@@ -407,6 +457,9 @@ class Conv2D(Layer):
             if transposed and self.use_bias:
                 for buf in cols:
                     buf[-1] = 1.0
+        if post:
+            dys = [self._scratch("dy", k, (ps * mp, f), dt) for k in range(nk)]
+        d2 = dout.reshape(-1, f)
         wk = self.params["W"].astype(dt, copy=False)
         if full:
             # dx = correlation of dout, padded by (k - 1 - pad), with the flipped kernel
@@ -431,7 +484,18 @@ class Conv2D(Layer):
             for a in range(lo * ps, min(hi * ps, n), ps):
                 b = min(a + ps, n)
                 m = b - a
-                dpiece = d2[a * mp : b * mp]
+                if post == "relu_pool":
+                    assert fused_out is not None and winners is not None
+                    dpiece = dys[k][: m * mp]
+                    _unpool2x2_relu(dout[a:b], fused_out[a:b], winners[0][a:b],
+                                    winners[1][a:b], dpiece.reshape(m, ho, wo, f))
+                elif post == "relu":
+                    assert fused_out is not None
+                    dpiece = dys[k][: m * mp]
+                    np.multiply(d2[a * mp : b * mp], fused_out[a:b].reshape(-1, f) > 0,
+                                out=dpiece)
+                else:
+                    dpiece = d2[a * mp : b * mp]
                 if transposed:
                     if stored is not None:
                         blk_t = stored[:, a * mp : b * mp]
@@ -446,7 +510,7 @@ class Conv2D(Layer):
                 if full:
                     assert dx is not None
                     dp = dpads[k][:m]
-                    dp[:, qt : qt + ho, ql : ql + wo, :] = dout[a:b]
+                    dp[:, qt : qt + ho, ql : ql + wo, :] = dpiece.reshape(m, ho, wo, f)
                     dblk = dcols[k][: m * h * w]
                     im2col_rows(dp, dblk, kh, kw, 1, 1, h, w)
                     np.matmul(dblk, wflip, out=dx[a:b].reshape(m * h * w, c))
@@ -473,3 +537,38 @@ class Conv2D(Layer):
         if self.use_bias:
             self.grads["b"][...] = gw[k_]
         return dx
+
+
+def _pool2x2_relu(
+    y: np.ndarray, out: np.ndarray, lower: np.ndarray | None, right: np.ndarray | None
+) -> None:
+    """``out = relu(maxpool2x2(y))`` for ``y`` ``(m, H, W, F)`` -> ``out`` ``(m, H/2, W/2, F)``.
+
+    With the same tie rule as :class:`~galpipe.nn.pooling.MaxPool2D`, records the
+    winners for the backward pass: ``lower`` ``(m, H/2, W, F)`` -- per column, the
+    lower row is strictly larger -- and ``right`` ``(m, H/2, W/2, F)`` -- the right
+    column's maximum is strictly larger.
+    """
+    m, hh, ww, f = y.shape
+    top, bottom = y[:, 0::2], y[:, 1::2]
+    rowmax = np.maximum(top, bottom)
+    r5 = rowmax.reshape(m, hh // 2, ww // 2, 2, f)
+    np.maximum(r5[:, :, :, 0], r5[:, :, :, 1], out=out)
+    if lower is not None and right is not None:
+        np.greater(bottom, top, out=lower)
+        np.greater(r5[:, :, :, 1], r5[:, :, :, 0], out=right)
+    np.maximum(out, 0, out=out)
+
+
+def _unpool2x2_relu(
+    d: np.ndarray, out: np.ndarray, lower: np.ndarray, right: np.ndarray, dy: np.ndarray
+) -> None:
+    """Gradient of :func:`_pool2x2_relu`: route ``d * (out > 0)`` to the winners in ``dy``."""
+    m, hh, ww, f = dy.shape
+    g = d * (out > 0)
+    dcol = np.empty((m, hh // 2, ww, f), dtype=dy.dtype)
+    dc5 = dcol.reshape(m, hh // 2, ww // 2, 2, f)
+    np.multiply(g, right, out=dc5[:, :, :, 1])
+    np.subtract(g, dc5[:, :, :, 1], out=dc5[:, :, :, 0])  # exact: g - g or g - 0
+    np.multiply(dcol, lower, out=dy[:, 1::2])
+    np.subtract(dcol, dy[:, 1::2], out=dy[:, 0::2])

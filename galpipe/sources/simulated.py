@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ from typing import Any
 import galsim
 import numpy as np
 import pandas as pd
+from astropy.utils.exceptions import AstropyWarning
 
 from galpipe.errors import ConfigError, DataError
 from galpipe.io import cutout_filename, read_cutout, write_cutout
@@ -787,7 +789,7 @@ def _smooth_field(shape: tuple[int, int], sigma_pix: float, rng: np.random.Gener
 
 def _arm_image(row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator) -> galsim.InterpolatedImage:
     """Face-on spiral-arm light (logarithmic spiral x exponential disc x clumps)."""
-    hlr = float(_get(row, "hlr_disc"))
+    hlr = _num(row, "hlr_disc", 0.0, 1000.0)
     rs = hlr / _B1  # exponential scale length
     radius = 3.5 * hlr
     step = pixel_scale / 2.0
@@ -800,10 +802,10 @@ def _arm_image(row: Mapping[str, Any], pixel_scale: float, rng: np.random.Genera
     x, y = np.meshgrid(coords, coords)
     r = np.hypot(x, y)
     theta = np.arctan2(y, x)
-    n_arms = int(_get(row, "n_arms"))
-    tan_pitch = math.tan(math.radians(float(_get(row, "pitch_deg"))))
-    phase = math.radians(float(_get(row, "arm_phase_deg")))
-    sign = float(_get(row, "arm_sign")) or 1.0
+    n_arms = int(_num(row, "n_arms", 0.0, 100.0))
+    tan_pitch = math.tan(math.radians(_num(row, "pitch_deg", 0.0, 89.0)))
+    phase = math.radians(_num(row, "arm_phase_deg"))
+    sign = -1.0 if _num(row, "arm_sign") < 0 else 1.0
     spiral = n_arms * (theta - sign * np.log(np.maximum(r, 1e-3 * rs) / rs) / tan_pitch - phase)
     arms = ((1.0 + np.cos(spiral)) / 2.0) ** _ARM_SHARPNESS
     inner = 1.0 - np.exp(-((r / (0.7 * rs)) ** 2))  # the arms start outside the bulge
@@ -820,44 +822,58 @@ def _arm_image(row: Mapping[str, Any], pixel_scale: float, rng: np.random.Genera
     )
 
 
-def _components(row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator) -> dict[str, galsim.GSObject]:
+def _num(row: Mapping[str, Any], key: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``row[key]`` as a float in ``(lo, hi]`` (``lo`` excluded unless infinite)."""
+    value = _get(row, key)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or not (lo < v <= hi):
+        raise DataError(
+            f"catalogue row objid={row.get('objid', '?')}: {key}={value!r}; "
+            f"expected a finite number in ({lo}, {hi}]"
+        )
+    return v
+
+
+def _components(
+    row: Mapping[str, Any], pixel_scale: float, rng: np.random.Generator
+) -> dict[str, galsim.GSObject]:
     """Unit-flux GalSim profiles of the galaxy's light components (no PSF)."""
     label = str(_get(row, "label"))
     if label not in SIMULATED_CLASSES:
         raise DataError(
-            f"catalogue row objid={_get(row, 'objid')}: label {label!r} is not one of {list(SIMULATED_CLASSES)}"
+            f"catalogue row objid={_get(row, 'objid')}: label {label!r} is not one of "
+            f"{list(SIMULATED_CLASSES)}"
         )
-    beta = (90.0 + float(_get(row, "pa_deg"))) * galsim.degrees  # PA east of north
-    q = float(_get(row, "q"))
+    beta = (90.0 + _num(row, "pa_deg")) * galsim.degrees  # PA east of north
     comps: dict[str, galsim.GSObject] = {}
-    if float(_get(row, "bulge_frac")) > 0:
-        hlr_b = float(_get(row, "hlr_bulge"))
-        bulge = galsim.Sersic(
-            float(_get(row, "n_bulge")),
-            half_light_radius=hlr_b,
-            trunc=_SERSIC_TRUNC * hlr_b,
+    spheroids = [("bulge", "hlr_bulge", "bulge_frac")]
+    if label == "elliptical":
+        spheroids.append(("envelope", "hlr_envelope", "envelope_frac"))
+    for name, hlr_key, frac_key in spheroids:
+        if _num(row, frac_key) <= 0:
+            continue
+        hlr = _num(row, hlr_key, 0.0, 1000.0)
+        prof = galsim.Sersic(
+            _num(row, "n_bulge", 0.3, 6.2),
+            half_light_radius=hlr,
+            trunc=_SERSIC_TRUNC * hlr,
             flux=1.0,
         )
-        comps["bulge"] = _incline(bulge, float(_get(row, "q_bulge")), beta)
-    if label == "elliptical" and float(_get(row, "envelope_frac")) > 0:
-        hlr_e = float(_get(row, "hlr_envelope"))
-        envelope = galsim.Sersic(
-            float(_get(row, "n_bulge")),
-            half_light_radius=hlr_e,
-            trunc=_SERSIC_TRUNC * hlr_e,
-            flux=1.0,
-        )
-        comps["envelope"] = _incline(envelope, float(_get(row, "q_bulge")), beta)
+        comps[name] = _incline(prof, _num(row, "q_bulge", 0.0, 1.0), beta)
     if label == "spiral":
-        disc = galsim.Exponential(half_light_radius=float(_get(row, "hlr_disc")))
+        q = _num(row, "q", 0.0, 1.0)
+        disc = galsim.Exponential(half_light_radius=_num(row, "hlr_disc", 0.0, 1000.0))
         comps["disc"] = _incline(disc, q, beta)
-        if float(_get(row, "arm_frac")) > 0:
+        if _num(row, "arm_frac") > 0:
             comps["arms"] = _incline(_arm_image(row, pixel_scale, rng), q, beta)
     elif label == "edge_on":
         disc = galsim.InclinedExponential(
-            float(_get(row, "inclination_deg")) * galsim.degrees,
-            half_light_radius=float(_get(row, "hlr_disc")),
-            scale_h_over_r=float(_get(row, "disc_h_over_r")),
+            _num(row, "inclination_deg", -1e-9, 90.0) * galsim.degrees,
+            half_light_radius=_num(row, "hlr_disc", 0.0, 1000.0),
+            scale_h_over_r=_num(row, "disc_h_over_r", 0.0, 2.0),
         )
         comps["disc"] = disc.rotate(beta)
     return comps
@@ -935,15 +951,28 @@ def render_galaxy(
     key = int(_get(row, "objid")) % 2**63
     # independent streams: 0 for the galaxy's structure, 1 + SDSS band index for each
     # band's noise, so a band's pixels do not depend on which other bands are drawn
-    comps = _components(row, pixel_scale, np.random.default_rng([seed, key, 0]))
-    psf = galsim.Kolmogorov(fwhm=float(_get(row, "psf_fwhm")))
     image = np.zeros((len(bands), size, size), dtype=np.float64)
-    for name, prof in comps.items():
-        fluxes = np.array([float(_get(row, f"flux_{name}_{b}")) for b in bands])
-        if not np.any(fluxes):
-            continue
-        stamp = galsim.Convolve(prof, psf).drawImage(nx=size, ny=size, scale=pixel_scale, dtype=np.float64)
-        image += fluxes[:, None, None] * stamp.array[None, :, :]
+    try:
+        comps = _components(row, pixel_scale, np.random.default_rng([seed, key, 0]))
+        psf = galsim.Kolmogorov(fwhm=_num(row, "psf_fwhm", 0.0, 100.0))
+        for name, prof in comps.items():
+            fluxes = np.array([float(_get(row, f"flux_{name}_{b}")) for b in bands])
+            if not np.any(fluxes):
+                continue
+            stamp = galsim.Convolve(prof, psf).drawImage(
+                nx=size, ny=size, scale=pixel_scale, dtype=np.float64
+            )
+            image += fluxes[:, None, None] * stamp.array[None, :, :]
+    except galsim.GalSimError as exc:
+        raise DataError(
+            f"catalogue row objid={_get(row, 'objid')}: GalSim cannot render it ({exc}); "
+            "expected positive radii and PSF FWHM and axis ratios in (0, 1]"
+        ) from exc
+    if not np.all(np.isfinite(image)):
+        raise DataError(
+            f"catalogue row objid={_get(row, 'objid')}: non-finite pixels; "
+            "expected finite fluxes and shape parameters"
+        )
     if noise:
         for k, b in enumerate(bands):
             band_rng = np.random.default_rng([seed, key, 1 + SDSS_BANDS.index(b)])
@@ -960,7 +989,9 @@ def _is_complete(path: Path, bands: Sequence[str], size: int, objid: int) -> boo
     if not path.is_file():
         return False
     try:
-        cut = read_cutout(path, bands=bands)
+        with warnings.catch_warnings():  # astropy warns about the corrupt files we replace
+            warnings.simplefilter("ignore", AstropyWarning)
+            cut = read_cutout(path, bands=bands)
     except DataError:
         return False
     return cut.data.shape == (len(bands), size, size) and cut.objid == objid

@@ -12,7 +12,7 @@ rule evaluate:
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "{name}"},
+            labels={"experiment": "{experiment}", "artifact": "{name}"},
         ),
     params:
         cfg=stage_config(config, "evaluate"),
@@ -37,6 +37,12 @@ rule leaderboard:
     output:
         table=report(
             "results/leaderboard.csv",
+            caption="../report/leaderboard.rst",
+            category="Comparison",
+            labels={"artifact": "leaderboard (CSV download)"},
+        ),
+        html=report(
+            "results/leaderboard.html",
             caption="../report/leaderboard.rst",
             category="Comparison",
             labels={"artifact": "leaderboard"},

@@ -9,7 +9,7 @@ rule train:
             "results/models/{experiment}/history.csv",
             caption="../report/history.rst",
             category="{experiment}",
-            labels={"experiment": "{experiment}", "artifact": "training history"},
+            labels={"experiment": "{experiment}", "artifact": "training history (CSV download)"},
         ),
         info="results/models/{experiment}/train_info.json",
     params:
