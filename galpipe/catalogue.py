@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from galpipe.errors import DataError
-from galpipe.io import atomic_path
+from galpipe.io import atomic_path, safe_filename
 
 REQUIRED_COLUMNS = ("objid", "ra", "dec", "label")
 PROVENANCE_KEY = b"galpipe.provenance"
@@ -33,7 +33,8 @@ def check_catalogue(
     Raises
     ------
     DataError
-        Missing columns, an empty table, non-integer or duplicate ids, missing labels.
+        Missing columns, an empty table, non-integer or duplicate ids, missing labels,
+        labels that are not safe file names (see :func:`galpipe.io.safe_filename`).
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -51,6 +52,12 @@ def check_catalogue(
     out = df.sort_values("objid", kind="stable").reset_index(drop=True)
     out["objid"] = out["objid"].astype(np.int64)
     out["label"] = out["label"].astype(str)
+    for label in out["label"].unique():  # class names become file names (figures): never used raw
+        try:
+            safe_filename(label, what="label")
+        except DataError as exc:
+            first = int(out.loc[out["label"] == label, "objid"].iloc[0])
+            raise DataError(f"{where}: objid {first}: {exc}") from exc
     return out
 
 

@@ -117,9 +117,11 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"config: expected a mapping of keys, got {type(config).__name__}")
+    _check_plain(config, [])
     schema = load_schema()
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(dict(config)), key=lambda e: (list(e.absolute_path), e.message))
+    errors = sorted(validator.iter_errors(dict(config)),
+                    key=lambda e: ([str(p) for p in e.absolute_path], e.message))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_format_error(best))
@@ -129,6 +131,26 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(_format_error(jsonschema.exceptions.best_match(errors)))
     _semantic_checks(full)
     return full
+
+
+def _check_plain(value: Any, path: list[Any]) -> None:
+    """Keys must be strings and numbers finite, everywhere (YAML allows ``1:`` keys and ``.nan``)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                where = f"config key '{_key(path)}'" if path else "config"
+                raise ConfigError(f"{where}: key {k!r} ({type(k).__name__}) is not a string; quote it")
+            _check_plain(v, [*path, k])
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, [*path, i])
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{_key(path)}': {value!r} is not a finite number")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63 - 1:
+        raise ConfigError(
+            f"config key '{_key(path)}': an integer of {value.bit_length()} bits is out of range "
+            "(at most 64-bit integers)"
+        )
 
 
 def _semantic_checks(cfg: Mapping[str, Any]) -> None:

@@ -26,7 +26,7 @@ from galpipe import __version__
 from galpipe.catalogue import read_metadata, write_table
 from galpipe.config import fingerprint
 from galpipe.errors import ConfigError
-from galpipe.io import atomic_write_text
+from galpipe.io import atomic_write_text, safe_filename
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 
@@ -100,6 +100,7 @@ def train_experiment(exp: Mapping[str, Any], train: PathLike, validation: PathLi
     from galpipe.nn.persist import save_model
     from galpipe.nn.training import fit
 
+    safe_filename(name, what="experiment name")  # part of the checkpoint path
     out_dir = Path(model_json).parent
     meta = read_metadata(train)
     classes = list(meta["classes"])

@@ -16,9 +16,12 @@ sources, so that everything downstream is the same code):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.wcs import WCS
 
 from galpipe.errors import DataError
@@ -38,6 +42,72 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 # --------------------------------------------------------------------------- atomic writes
+#: Temporary files of another host (or of an older galpipe) are removed once this old (seconds).
+STALE_TEMP_SECONDS = 3600.0
+
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+# ".<final name>.p<pid>h<host tag>.<random>.tmp", as made by atomic_path
+_TEMP_NAME = re.compile(r"^\..+\.p(?P<pid>\d{1,10})h(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
+# ".<final name>.<random>.tmp": the format before the writer's pid was recorded
+_OLD_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_swept: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists (another user) or not a pid we can judge: keep the file
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files that :func:`atomic_path` writers left behind when killed.
+
+    A temporary file is stale when the process that wrote it (its pid is in
+    the name) no longer runs on this host, or, for a file written on another
+    host or by an older galpipe, when it is older than
+    :data:`STALE_TEMP_SECONDS`.  Files of live writers are never touched, so
+    this is safe while other jobs write into the same directory.
+
+    Parameters
+    ----------
+    directory : path-like
+        Folder to clean (not recursive).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        m = _TEMP_NAME.match(name)
+        try:
+            if m and m["host"] == _HOST_TAG:
+                stale = not _pid_alive(int(m["pid"]))
+            elif m or _OLD_TEMP_NAME.match(name):
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+            else:
+                stale = False
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # vanished meanwhile or not ours to delete
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -45,6 +115,9 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     The temporary file lives in the same directory (same filesystem) so the
     final :func:`os.replace` is atomic.  On any exception the temporary file is
     removed and ``path`` is left untouched (either absent or the old version).
+    A process killed outright (SIGKILL, power loss) cannot clean up: the first
+    atomic write into a directory in each process removes what such writers
+    left there (:func:`remove_stale_temps`).
 
     Parameters
     ----------
@@ -61,7 +134,13 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    key = os.path.abspath(final.parent)
+    if key not in _swept:
+        remove_stale_temps(final.parent)
+        _swept.add(key)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.name}.p{os.getpid()}h{_HOST_TAG}.", suffix=".tmp", dir=final.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()
@@ -285,7 +364,7 @@ def read_cutout(
             return _read_hdul(p, hdul, bands)
     except DataError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, VerifyError) as exc:
         raise DataError(f"cutout {p}: not a readable FITS file ({exc})") from exc
 
 

@@ -73,6 +73,9 @@ def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path) -
     if missing:
         raise DataError(f"catalogue {cat_path}: missing column(s) {missing}")
     if "label" not in df.columns:
+        if cfg["source"] == "simulated":  # the class is what the simulation renders
+            raise DataError(f"catalogue {cat_path}: missing column 'label'; the simulated source renders each "
+                            "galaxy from its catalogue row, class included (e.g. pass rows of catalogue.parquet)")
         df["label"] = "unknown"
     shard = workdir / "catalogue.parquet"
     write_catalogue(df, shard, {"source": "predict", "input": str(cat_path)})

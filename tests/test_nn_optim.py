@@ -176,3 +176,33 @@ def test_schedule_errors() -> None:
         make_schedule({"type": "step", "step_sise": 2}, 0.1, 10, 1)
     with pytest.raises(ConfigError, match="gamma"):
         make_schedule({"type": "step", "gamma": -1}, 0.1, 10, 1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_large_parameter_split_over_workers_is_identical(name: str) -> None:
+    from galpipe.nn import set_num_workers
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((600, 400)).astype(np.float32)  # 240k elements: split path
+    grads = [rng.standard_normal(big.shape).astype(np.float32) for _ in range(3)]
+    kwargs = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.1} if name == "sgd" else {
+        "lr": 0.01, "weight_decay": 0.1}
+    results = []
+    for workers in (1, 2):
+        set_num_workers(workers)
+        try:
+            params = {"W": big.copy(), "b": np.zeros(400, dtype=np.float32)}
+            opt = make_optimizer(name, params, **kwargs)
+            for g in grads:
+                opt.step({"W": g, "b": g[0]})
+        finally:
+            set_num_workers(None)
+        results.append(params)
+    np.testing.assert_array_equal(results[0]["W"], results[1]["W"])
+    np.testing.assert_array_equal(results[0]["b"], results[1]["b"])
+    # and the split path matches the small-array path on the same values
+    small = {"W": big[:2].copy()}
+    opt = make_optimizer(name, small, **kwargs)
+    for g in grads:
+        opt.step({"W": g[:2]})
+    np.testing.assert_allclose(results[0]["W"][:2], small["W"], rtol=1e-6, atol=1e-7)

@@ -22,11 +22,12 @@ Conventions used by every layer in :mod:`galpipe.nn`:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -143,16 +144,19 @@ class Layer:
 
 # --------------------------------------------------------------------------- threads
 #
-# NumPy releases the GIL in copies, ufuncs and matmul, so the non-GEMM work of a
-# layer (im2col, col2im, pooling, activations) can be split over the batch and run
-# on several cores by plain Python threads.  Heavy layers split a batch into
-# ``get_num_workers()`` contiguous chunks; while chunks run in parallel, BLAS is
-# limited to one thread (each chunk runs its own single-threaded GEMM) and restored
-# afterwards.  By default the number of workers follows the BLAS thread count, so
-# ``threadpoolctl.threadpool_limits(1)`` makes everything single-threaded.
+# NumPy releases the GIL in copies, ufuncs and matmul, so a layer's work can be
+# split over the batch and run on several cores by plain Python threads.  Heavy
+# layers split a batch (or a list of pieces of it) into ``get_num_workers()``
+# contiguous chunks; while chunks run in parallel, BLAS is limited to one thread
+# (each chunk runs its own single-threaded GEMMs) and restored afterwards -- and a
+# whole model pass runs inside :func:`compute_region`.  By default the number of
+# workers follows the BLAS thread count, so ``threadpoolctl.threadpool_limits(1)``
+# makes everything single-threaded.
 #
-# Results are deterministic for a fixed number of workers; with different worker
-# counts, parameter gradients summed over chunks may differ in the last bits.
+# The split never changes the arithmetic: chunks write disjoint outputs, and sums
+# over the batch (convolution weight gradients) are taken over pieces whose
+# boundaries depend only on the batch size, in a fixed order.  Results are
+# therefore identical for any number of workers.
 
 _T = TypeVar("_T")
 _WORKERS_OVERRIDE: int | None = None
@@ -206,7 +210,38 @@ def get_num_workers() -> int:
     """Number of batch chunks heavy layers process in parallel."""
     if _WORKERS_OVERRIDE is not None:
         return _WORKERS_OVERRIDE
+    region = getattr(_LOCAL, "region", None)
+    if region is not None:
+        return int(region)
     return max(1, min(blas_num_threads(), _CPU_COUNT))
+
+
+@contextlib.contextmanager
+def compute_region() -> Iterator[None]:
+    """Run a whole model pass with BLAS held at one thread and our workers in charge.
+
+    OpenBLAS worker threads busy-wait for a while after every multi-threaded call;
+    if any GEMM of a training step ran on two BLAS threads, the spinning thread
+    would steal a core from the batch-chunk workers of the next layer.  Inside this
+    context every GEMM is single-threaded and parallelism comes from
+    :func:`parallel_chunks` only (with the worker count captured on entry).
+    Re-entrant; a no-op with one worker.
+    """
+    if getattr(_LOCAL, "region", None) is not None or getattr(_LOCAL, "inside", False):
+        yield
+        return
+    workers = get_num_workers()
+    ctls = _blas_controllers() if workers > 1 else []
+    previous = [c.get_num_threads() for c in ctls]
+    for c in ctls:
+        c.set_num_threads(1)
+    _LOCAL.region = workers
+    try:
+        yield
+    finally:
+        _LOCAL.region = None
+        for c, p in zip(ctls, previous, strict=True):
+            c.set_num_threads(p)
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
@@ -266,7 +301,8 @@ def parallel_chunks(
 
     if len(bounds) == 1:
         return [call(0, *bounds[0])]
-    ctls = _blas_controllers()
+    # inside a compute_region BLAS is already single-threaded
+    ctls = [] if getattr(_LOCAL, "region", None) is not None else _blas_controllers()
     previous = [c.get_num_threads() for c in ctls]
     for c in ctls:
         c.set_num_threads(1)

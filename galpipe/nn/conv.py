@@ -34,6 +34,7 @@ from galpipe.errors import ModelError
 from galpipe.nn.base import (
     BufferCache,
     Layer,
+    chunk_bounds,
     parallel_chunks,
     plan_chunks,
     register,
@@ -275,11 +276,22 @@ class Conv2D(Layer):
             w = np.concatenate([w, self.params["b"][None, :]], axis=0)
         return np.ascontiguousarray(w, dtype=dt)
 
-    def _piece_size(self, n: int, width: int, itemsize: int) -> int:
-        """Samples per piece so that one im2col scratch is about :data:`PIECE_BYTES`."""
+    def _pieces(self, n: int, width: int, itemsize: int) -> tuple[list[tuple[int, int]], int]:
+        """Split the batch into pieces whose im2col scratch is about :data:`PIECE_BYTES`.
+
+        Returns ``(bounds, size)``: ``(a, b)`` sample ranges (sizes differ by at most
+        one; an even number of pieces, so that two workers get equal shares) and the
+        largest piece size.  Depends only on ``n`` and the layer, never on the number
+        of workers, so results are identical for any worker count.
+        """
         ho, wo = self._out_hw
         per = max(ho * wo * width * itemsize, 1)
-        return int(min(max(PIECE_BYTES // per, 1), MAX_PIECE, n))
+        target = int(min(max(PIECE_BYTES // per, 1), MAX_PIECE, n))
+        count = -(-n // target)
+        if count > 1 and count % 2:
+            count = min(count + 1, n)
+        bounds = chunk_bounds(n, count)
+        return bounds, max(b - a for a, b in bounds)
 
     def _scratch(self, tag: str, k: int, shape: tuple[int, ...], dt: np.dtype, *,
                  zero: bool = False, bias_col: bool = False) -> np.ndarray:
@@ -341,9 +353,8 @@ class Conv2D(Layer):
             raise ModelError("conv2d: fused 2x2 max-pool needs an even output size")
         out = np.empty((n, ho // 2, wo // 2, f) if pool else (n, ho, wo, f), dtype=dt)
         out2 = out.reshape(-1, f)
-        ps = self._piece_size(n, kk, dt.itemsize)
-        n_pieces = -(-n // ps)
-        nk = len(plan_chunks(n_pieces))
+        pieces, ps = self._pieces(n, kk, dt.itemsize)
+        nk = len(plan_chunks(len(pieces)))
         transposed = kw * c < SMALL_PATCH_BELOW
         keep = training and transposed
         if keep:
@@ -364,8 +375,7 @@ class Conv2D(Layer):
             right = np.empty(out.shape, dtype=bool) if training else None
 
         def work(k: int, lo: int, hi: int) -> None:
-            for a in range(lo * ps, min(hi * ps, n), ps):
-                b = min(a + ps, n)
+            for a, b in pieces[lo:hi]:
                 m = b - a
                 if padded:
                     xp[a:b, pt : pt + h, pl : pl + w, :] = x[a:b]
@@ -385,7 +395,7 @@ class Conv2D(Layer):
                 elif post == "relu":
                     np.maximum(y, 0, out=y)
 
-        parallel_chunks(work, n_pieces, with_index=True)
+        parallel_chunks(work, len(pieces), with_index=True)
         self._cache = {
             "xp": xp, "n": n, "cols_all": store if keep else None, "transposed": transposed,
             "post": post, "out": out if post else None, "winners": (lower, right) if pool and training else None,
@@ -443,9 +453,8 @@ class Conv2D(Layer):
         padded = bool(pt or pb or pl or pr)
         dx = np.empty((n, h, w, c), dtype=dt) if need_dx else None
         width = max(kk, kh * kw * f) if full else kk
-        ps = self._piece_size(n, width, dt.itemsize)
-        n_pieces = -(-n // ps)
-        nk = len(plan_chunks(n_pieces))
+        pieces, ps = self._pieces(n, width, dt.itemsize)
+        nk = len(plan_chunks(len(pieces)))
         transposed: bool = self._cache["transposed"]
         if stored is None:
             cols = [
@@ -481,8 +490,7 @@ class Conv2D(Layer):
 
         def work(k: int, lo: int, hi: int) -> list[np.ndarray]:
             parts = []
-            for a in range(lo * ps, min(hi * ps, n), ps):
-                b = min(a + ps, n)
+            for a, b in pieces[lo:hi]:
                 m = b - a
                 if post == "relu_pool":
                     assert fused_out is not None and winners is not None
@@ -531,7 +539,7 @@ class Conv2D(Layer):
 
         # per-piece partial gradients, summed in piece order: identical results for
         # any number of workers.
-        gw = sum_arrays([p for parts in parallel_chunks(work, n_pieces, with_index=True)
+        gw = sum_arrays([p for parts in parallel_chunks(work, len(pieces), with_index=True)
                          for p in parts])
         self.grads["W"][...] = gw[:k_].reshape(self.grads["W"].shape)
         if self.use_bias:

@@ -8,8 +8,13 @@ from typing import Any
 import numpy as np
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import Layer, register
+from galpipe.nn.base import Layer, parallel_chunks, register
 from galpipe.nn.init import INITIALISERS, get_initialiser
+
+
+def _min_rows(work_per_row: int) -> int:
+    """Smallest chunk (rows) worth a thread: about 2**17 multiply-adds."""
+    return max(1, (1 << 17) // max(work_per_row, 1))
 
 
 @register("dense")
@@ -81,10 +86,16 @@ class Dense(Layer):
             raise ModelError(
                 f"dense: expects input of per-sample shape {self.input_shape}, got {x.shape[1:]}"
             )
-        w = self.params["W"]
-        out = np.matmul(x, w.astype(x.dtype, copy=False))
-        if self.use_bias:
-            out += self.params["b"].astype(x.dtype, copy=False)
+        w = self.params["W"].astype(x.dtype, copy=False)
+        b = self.params["b"].astype(x.dtype, copy=False) if self.use_bias else None
+        out = np.empty((x.shape[0], self.units), dtype=x.dtype)
+
+        def work(lo: int, hi: int) -> None:
+            np.matmul(x[lo:hi], w, out=out[lo:hi])
+            if b is not None:
+                out[lo:hi] += b
+
+        parallel_chunks(work, x.shape[0], min_chunk=_min_rows(w.size))
         self._x = x
         return out
 
@@ -93,17 +104,23 @@ class Dense(Layer):
         if self._x is None:
             raise ModelError("dense: backward called before forward")
         x = self._x
-        dout = np.asarray(dout, dtype=x.dtype)
+        dout = np.ascontiguousarray(dout, dtype=x.dtype)
         gw = self.grads["W"]
-        if gw.dtype == x.dtype:
-            np.matmul(x.T, dout, out=gw)
-        else:
-            gw[...] = x.T @ dout
+        w = self.params["W"].astype(x.dtype, copy=False)
+        need_dx = self.input_grad_needed
+        dx = np.empty_like(x) if need_dx else None
+
+        # Split over input features: disjoint rows of dW and columns of dx, each
+        # computed exactly as in one GEMM (same reduction), for any worker count.
+        def work(lo: int, hi: int) -> None:
+            gw[lo:hi] = x[:, lo:hi].T @ dout
+            if dx is not None:
+                np.matmul(dout, w[lo:hi].T, out=dx[:, lo:hi])
+
+        parallel_chunks(work, x.shape[1], min_chunk=_min_rows(x.shape[0] * self.units))
         if self.use_bias:
             self.grads["b"][...] = dout.sum(axis=0)
-        if not self.input_grad_needed:
-            return None
-        return dout @ self.params["W"].T.astype(x.dtype, copy=False)
+        return dx
 
 
 @register("flatten")

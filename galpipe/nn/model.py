@@ -27,7 +27,7 @@ import numpy as np
 import galpipe.nn.layers  # noqa: F401
 from galpipe.errors import ModelError
 from galpipe.nn.activations import ReLU
-from galpipe.nn.base import Layer, layer_from_spec, register
+from galpipe.nn.base import Layer, compute_region, layer_from_spec, register
 from galpipe.nn.conv import Conv2D
 from galpipe.nn.pooling import MaxPool2D
 
@@ -288,6 +288,10 @@ class Sequential(_Container):
     # -- forward / backward -------------------------------------------------------------
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Run the stack on a batch ``(N, *input_shape)``; returns ``(N, *output_shape)``."""
+        with compute_region():
+            return self._forward(x, training)
+
+    def _forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         x = np.asarray(x)
         if not self.built:
             self.build(x.shape[1:], dtype=np.float64 if x.dtype == np.float64 else np.float32)
@@ -332,6 +336,10 @@ class Sequential(_Container):
         """
         if self._plan is None:
             raise ModelError("sequential: backward called before forward")
+        with compute_region():
+            return self._backward(dout, input_grad)
+
+    def _backward(self, dout: np.ndarray, input_grad: bool | None) -> np.ndarray | None:
         need = self.input_grad_needed if input_grad is None else bool(input_grad)
         first = 0
         if not need:

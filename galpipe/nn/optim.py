@@ -22,6 +22,10 @@ from typing import Any
 import numpy as np
 
 from galpipe.errors import ModelError
+from galpipe.nn.base import parallel_chunks
+
+#: Parameters with at least this many elements are updated by several workers.
+_PARALLEL_MIN = 1 << 17
 
 
 def decays(param: np.ndarray) -> bool:
@@ -77,10 +81,26 @@ class Optimizer:
         rate = self.lr if lr is None else _check_scalar(lr, "optimizer.step: lr")
         self.t += 1
         for k, p in self.params.items():
-            self._update(k, p, np.asarray(grads[k], dtype=p.dtype), rate)
+            g = np.asarray(grads[k], dtype=p.dtype)
+            if p.size < _PARALLEL_MIN or not (p.flags.c_contiguous and g.flags.c_contiguous):
+                self._update(k, p, g, rate, slice(None))
+                continue
+            # large parameters: element-wise updates split over the workers
+            flat_p, flat_g = p.reshape(-1), g.reshape(-1)
 
-    def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+            def work(lo: int, hi: int, k: str = k, fp: np.ndarray = flat_p,
+                     fg: np.ndarray = flat_g) -> None:
+                self._update(k, fp, fg, rate, slice(lo, hi), decay=decays(self.params[k]))
+
+            parallel_chunks(work, p.size, min_chunk=_PARALLEL_MIN // 2)
+
+    def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float, part: slice,
+                decay: bool | None = None) -> None:
+        """Update ``p[part]`` (``p``, ``g`` and the buffers viewed alike) from ``g[part]``."""
         raise NotImplementedError
+
+    def _buf(self, slot: str, key: str, shape: tuple[int, ...], part: slice) -> np.ndarray:
+        return self.buffers[slot][key].reshape(shape)[part]
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -157,11 +177,14 @@ class SGD(Optimizer):
             self.slots = ()
         super().__init__(params, lr)
 
-    def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
-        if self.weight_decay and decays(p):
+    def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float, part: slice,
+                decay: bool | None = None) -> None:
+        shape = p.shape
+        p, g = p[part], g[part]
+        if self.weight_decay and (decays(p) if decay is None else decay):
             g = g + self.weight_decay * p
         if self.momentum:
-            v = self.buffers["velocity"][key]
+            v = self._buf("velocity", key, shape, part)
             v *= self.momentum
             v += g
             g = g + self.momentum * v if self.nesterov else v
@@ -198,14 +221,19 @@ class Adam(Optimizer):
         super().__init__(params, lr)
         self._tmp = {k: np.empty_like(p) for k, p in self.params.items()}
 
-    def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+    def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float, part: slice,
+                decay: bool | None = None) -> None:
         b1, b2 = self.betas
-        wd = self.weight_decay if decays(p) else 0.0
+        shape = p.shape
+        wd = self.weight_decay if (decays(p) if decay is None else decay) else 0.0
+        p, g = p[part], g[part]
         if wd and self._decoupled:
             p *= 1.0 - lr * wd
         elif wd:
             g = g + wd * p
-        m, v, tmp = self.buffers["m"][key], self.buffers["v"][key], self._tmp[key]
+        m = self._buf("m", key, shape, part)
+        v = self._buf("v", key, shape, part)
+        tmp = self._tmp[key].reshape(shape)[part]
         m *= b1
         np.multiply(g, 1.0 - b1, out=tmp)
         m += tmp

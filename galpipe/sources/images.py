@@ -9,7 +9,10 @@ pixel values as float32.
 
 from __future__ import annotations
 
+import math
+import struct
 import warnings
+import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,10 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from PIL import Image, UnidentifiedImageError
 
 from galpipe.errors import ConfigError, DataError
-from galpipe.io import MAX_CUTOUT_SIDE, cutout_filename, read_cutout, write_cutout
+from galpipe.io import MAX_CUTOUT_SIDE, cutout_filename, read_cutout, safe_filename, write_cutout
 
 RGB_BANDS = ["red", "green", "blue"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".fits", ".fit", ".fts"}
@@ -70,7 +74,7 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
             f"labels CSV {csv}: missing column(s) {', '.join(missing)}; columns present: {list(df.columns)}"
         )
     ids = df[cols["id_column"]].str.strip()
-    bad = ~ids.str.fullmatch(r"-?\d{1,19}")
+    bad = ~ids.str.fullmatch(r"-?[0-9]{1,19}")  # ASCII only: int() would also take other digits
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
@@ -98,6 +102,12 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
         label = raw.map(lambda r: label_map.get(r) if r else None)
     else:
         label = raw.where(raw != "", None)
+    for lab in pd.unique(label.dropna()):  # class names become file names (figures): never used raw
+        try:
+            safe_filename(lab, what="label")
+        except DataError as exc:
+            row = int(np.flatnonzero((label == lab).to_numpy())[0])
+            raise DataError(f"labels CSV {csv}: row {row + 2}: {exc}; map it with images.label_map") from exc
     paths = df[cols["path_column"]].str.strip()
     root = directory.resolve()
     resolved = []
@@ -196,12 +206,34 @@ def _load_8bit(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"image {p}: rejected as a decompression bomb ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error,
+            zlib.error) as exc:
         raise DataError(f"image {p}: corrupt or truncated image ({exc})") from exc
     box = _centre_crop_box(rgb.width, rgb.height, crop_fraction)
     small = rgb.resize((size, size), Image.Resampling.LANCZOS, box=box)
     arr = np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).copy()
     return arr, "DN", list(RGB_BANDS)
+
+
+def _check_fits_size(p: Path, hdu: Any, naxes: list[int]) -> None:
+    """Reject a FITS image whose header claims more pixels than allowed or than the file holds.
+
+    Runs before ``hdu.data`` is touched, so a lying header never causes a large allocation.
+    """
+    n_pix = math.prod(naxes)
+    if n_pix > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"image {p}: FITS axes {naxes} make {n_pix} pixels, more than the limit of {MAX_IMAGE_PIXELS}"
+        )
+    if isinstance(hdu, fits.CompImageHDU):
+        return  # compressed: the file is legitimately smaller than the pixels
+    need = n_pix * abs(int(hdu.header.get("BITPIX", 8))) // 8
+    size = p.stat().st_size
+    if need > size:
+        raise DataError(
+            f"image {p}: FITS header claims {need} bytes of pixel data ({naxes}) but the file has "
+            f"only {size} bytes (truncated?)"
+        )
 
 
 def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, str, list[str]]:
@@ -224,13 +256,14 @@ def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
                         f"image {p}: FITS axes {naxes} are out of range (at most 3 axes, "
                         f"sides 1..{MAX_FITS_SIDE}, at most 16 bands)"
                     )
+                _check_fits_size(p, hdu, naxes)
                 raw = np.asarray(hdu.data, dtype=np.float32)
                 data = raw[None] if raw.ndim == 2 else raw
                 bunit = str(hdu.header.get("BUNIT", "nanomaggy")) or "nanomaggy"
                 bands = [f"band{k}" for k in range(data.shape[0])]
     except DataError:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, IndexError, KeyError, VerifyError) as exc:
         raise DataError(f"image {p}: not a readable FITS file ({exc})") from exc
     if not np.isfinite(data).any():
         raise DataError(f"image {p}: every pixel is NaN or infinite")

@@ -239,11 +239,14 @@ def _lookup(params: Mapping[str, Any] | None, path: str) -> Any:
     for part in path.split("."):
         default = default.get(part) if isinstance(default, Mapping) else None
     node: Any = params if params is not None else {}
+    walked = ["sdss"]
     for part in path.split("."):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        else:
+        if not isinstance(node, Mapping):  # a typo like `selection: 10` must not silently mean defaults
+            raise ConfigError(f"{'.'.join(walked)}: expected a mapping, got {type(node).__name__} {_show(node)}")
+        if part not in node:
             return default
+        node = node[part]
+        walked.append(part)
     return node
 
 
@@ -257,6 +260,14 @@ def _integer(params: Mapping[str, Any] | None, path: str, lo: int, hi: int) -> i
     return check_integer(f"sdss.{path}", value, lo, hi)
 
 
+def _show(value: object) -> str:
+    """A short repr for messages (a huge int has no repr beyond 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"<integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def check_number(key: str, value: object, lo: float, hi: float) -> float:
     """Return ``value`` as a finite float in ``[lo, hi]``.
 
@@ -267,19 +278,24 @@ def check_number(key: str, value: object, lo: float, hi: float) -> float:
         names ``key``.
     """
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {type(value).__name__} {value!r}")
-    v = float(value)
+        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {type(value).__name__} {_show(value)}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf
     if not math.isfinite(v) or not lo <= v <= hi:
-        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {value!r}")
+        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {_show(value)}")
     return v
 
 
 def check_integer(key: str, value: object, lo: int, hi: int) -> int:
     """Return ``value`` as an int in ``[lo, hi]`` (no bools, no strings, no floats)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{key}: expected an integer in [{lo}, {hi}], got {type(value).__name__} {_show(value)}"
+        )
     if not lo <= int(value) <= hi:
-        raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {value!r}")
+        raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {_show(value)}")
     return int(value)
 
 
@@ -309,7 +325,7 @@ def data_release(params: Mapping[str, Any] | None) -> int:
 def _url(params: Mapping[str, Any] | None, key: str) -> str:
     value = _lookup(params, key)
     if not isinstance(value, str) or not re.match(r"^https?://[^\s]+$", value):
-        raise ConfigError(f"sdss.{key}: expected an http(s) URL, got {value!r}")
+        raise ConfigError(f"sdss.{key}: expected an http(s) URL, got {_show(value)}")
     return value.rstrip("/")
 
 
@@ -327,7 +343,7 @@ def label_scheme(params: Mapping[str, Any] | None) -> str:
     """The validated ``sdss.labels.scheme``."""
     scheme = _lookup(params, "labels.scheme")
     if not isinstance(scheme, str) or scheme not in SCHEME_CLASSES:
-        raise ConfigError(f"sdss.labels.scheme: expected one of {sorted(SCHEME_CLASSES)}, got {scheme!r}")
+        raise ConfigError(f"sdss.labels.scheme: expected one of {sorted(SCHEME_CLASSES)}, got {_show(scheme)}")
     return scheme
 
 
@@ -340,19 +356,20 @@ def _fractions(params: Mapping[str, Any] | None) -> dict[str, dict[str, tuple[fl
     for cls, conds in raw.items():
         key = f"sdss.labels.fractions.{cls}"
         if not isinstance(cls, str) or not _LABEL_NAME.match(cls):
-            raise ConfigError(f"sdss.labels.fractions: class name {cls!r} must match {_LABEL_NAME.pattern}")
+            raise ConfigError(f"sdss.labels.fractions: class name {_show(cls)} must match {_LABEL_NAME.pattern}")
         if not isinstance(conds, Mapping) or not conds:
             raise ConfigError(f"{key}: expected a non-empty mapping column -> threshold")
         out[cls] = {}
         for col, spec in conds.items():
             if col not in GZ1_FRACTION_COLUMNS:
                 raise ConfigError(
-                    f"{key}: column {col!r} is not a GZ1 vote fraction; expected one of {list(GZ1_FRACTION_COLUMNS)}"
+                    f"{key}: column {_show(col)} is not a GZ1 vote fraction; "
+                    f"expected one of {list(GZ1_FRACTION_COLUMNS)}"
                 )
             if isinstance(spec, Mapping):
                 extra = set(spec) - {"min", "max"}
                 if extra or not spec:
-                    raise ConfigError(f"{key}.{col}: expected keys 'min' and/or 'max', got {sorted(spec)}")
+                    raise ConfigError(f"{key}.{col}: expected keys 'min' and/or 'max', got {sorted(spec, key=str)}")
                 lo = check_number(f"{key}.{col}.min", spec.get("min", 0.0), 0.0, 1.0)
                 hi = check_number(f"{key}.{col}.max", spec.get("max", 1.0), 0.0, 1.0)
                 if lo > hi:
@@ -374,15 +391,15 @@ def label_classes(params: Mapping[str, Any] | None) -> list[str]:
     if classes is None:
         classes = list(known if scheme == "gz1_fractions" else SCHEME_DEFAULT_CLASSES[scheme])
     if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
-        raise ConfigError(f"sdss.labels.classes: expected a non-empty list of class names, got {classes!r}")
+        raise ConfigError(f"sdss.labels.classes: expected a non-empty list of class names, got {_show(classes)}")
     out: list[str] = []
     for cls in classes:
         if not isinstance(cls, str) or cls not in known:
             raise ConfigError(
-                f"sdss.labels.classes: {cls!r} is not a class of scheme {scheme!r}; expected some of {list(known)}"
+                f"sdss.labels.classes: {_show(cls)} is not a class of scheme {scheme!r}; expected some of {list(known)}"
             )
         if cls in out:
-            raise ConfigError(f"sdss.labels.classes: {cls!r} is listed twice")
+            raise ConfigError(f"sdss.labels.classes: {_show(cls)} is listed twice")
         out.append(cls)
     return out
 
@@ -390,13 +407,13 @@ def label_classes(params: Mapping[str, Any] | None) -> list[str]:
 def validate_bands(bands: Sequence[str], *, key: str = "bands") -> list[str]:
     """Check that ``bands`` is a non-empty list of distinct SDSS bands (ugriz)."""
     if isinstance(bands, str) or not isinstance(bands, Sequence) or not bands:
-        raise ConfigError(f"{key}: expected a non-empty list of SDSS bands, got {bands!r}")
+        raise ConfigError(f"{key}: expected a non-empty list of SDSS bands, got {_show(bands)}")
     out: list[str] = []
     for b in bands:
         if b not in BANDS:
-            raise ConfigError(f"{key}: {b!r} is not an SDSS band; expected some of {list(BANDS)}")
+            raise ConfigError(f"{key}: {_show(b)} is not an SDSS band; expected some of {list(BANDS)}")
         if b in out:
-            raise ConfigError(f"{key}: band {b!r} is listed twice")
+            raise ConfigError(f"{key}: band {_show(b)} is listed twice")
         out.append(b)
     return out
 
@@ -517,8 +534,8 @@ def query_settings(params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validated ``sdss.query`` settings."""
     section = _lookup(params, "query")
     if not isinstance(section, Mapping):
-        raise ConfigError(f"sdss.query: expected a mapping, got {section!r}")
-    unknown = sorted(set(section) - set(DEFAULTS["query"]))
+        raise ConfigError(f"sdss.query: expected a mapping, got {_show(section)}")
+    unknown = sorted(set(section) - set(DEFAULTS["query"]), key=str)
     if unknown:
         raise ConfigError(f"sdss.query: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS['query'])}")
     return {
@@ -714,7 +731,7 @@ def query_catalogue(
         SkyServer, or retries exhausted; the message names the DR.
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+        raise ConfigError(f"seed: expected an integer, got {_show(seed)}")
     validate_bands(bands)
     dr = data_release(params)
     base = skyserver_url(params)
