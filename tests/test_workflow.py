@@ -151,3 +151,15 @@ def test_lint_is_clean() -> None:
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_adding_an_experiment_trains_only_that_one(run_dir: Path) -> None:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["experiments"]["third"] = {"architecture": [{"type": "conv2d", "filters": 2}, "relu", "global_avg_pool"]}
+    write_config(run_dir, cfg)
+    try:
+        jobs = planned_jobs(run_dir)
+    finally:
+        write_config(run_dir, TINY)
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1
+    assert "split" not in jobs and "normalise" not in jobs and "catalogue" not in jobs
