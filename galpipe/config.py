@@ -137,9 +137,11 @@ def _check_plain(value: Any, path: list[Any]) -> None:
     """Keys must be strings and numbers finite, everywhere (YAML allows ``1:`` keys and ``.nan``)."""
     if isinstance(value, Mapping):
         for k, v in value.items():
+            where = f"config key '{_key(path)}'" if path else "config"
             if not isinstance(k, str):
-                where = f"config key '{_key(path)}'" if path else "config"
                 raise ConfigError(f"{where}: key {k!r} ({type(k).__name__}) is not a string; quote it")
+            if not k.isprintable():  # names become paths; schema patterns' '$' would let a final newline pass
+                raise ConfigError(f"{where}: key {k!r} contains control characters")
             _check_plain(v, [*path, k])
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):

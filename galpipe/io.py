@@ -92,11 +92,11 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
         name = entry.name
         if not (name.startswith(".") and name.endswith(".tmp")):
             continue
-        m = _TEMP_NAME.match(name)
+        m = _TEMP_NAME.fullmatch(name)
         try:
             if m and m["host"] == _HOST_TAG:
                 stale = not _pid_alive(int(m["pid"]))
-            elif m or _OLD_TEMP_NAME.match(name):
+            elif m or _OLD_TEMP_NAME.fullmatch(name):
                 stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
             else:
                 stale = False
@@ -181,7 +181,7 @@ def safe_filename(name: object, *, what: str = "name") -> str:
         If the name contains path separators, NUL, ``..`` or other characters.
     """
     text = str(name)
-    if not _SAFE_NAME.match(text) or ".." in text:
+    if not _SAFE_NAME.fullmatch(text) or ".." in text:  # fullmatch: '$' alone allows a final newline
         raise DataError(
             f"{what} {text!r} is not usable as a file name "
             "(allowed: letters, digits, '_', '-', '.', no '..', at most 128 characters)"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,8 @@ class Run:
     returncode: int
     lines: list[tuple[float, str]]
     seconds: float
+    #: Process id of Snakemake, also the id of its process group.
+    pid: int = 0
     killed: bool = False
     #: Rules with a job running (started, not finished) when the kill was sent.
     running_at_kill: set[str] = field(default_factory=set)
@@ -155,7 +158,7 @@ def run_workflow(workdir: Path, *args: str, kill: KillPoint | None = None, hash_
                             env=workflow_env(hash_seed), start_new_session=True)
     assert proc.stdout is not None
     follower = _Follower(proc.stdout, t0)
-    run = Run(returncode=0, lines=follower.lines, seconds=0.0)
+    run = Run(returncode=0, lines=follower.lines, seconds=0.0, pid=proc.pid)
     try:
         if kill is not None:
             _kill_when(proc, follower, kill, workdir, run, t0 + timeout)
@@ -292,10 +295,10 @@ def incomplete_markers(workdir: Path) -> list[str]:
 _REFERENCE: dict[str, tuple[Path, Run]] = {}
 
 
-def reference_run(base: Path) -> tuple[Path, Run]:
-    """The uninterrupted tiny run (made once per session under ``base``)."""
+def reference_run(factory: pytest.TempPathFactory) -> tuple[Path, Run]:
+    """The uninterrupted tiny run (made once per test session)."""
     if "ref" not in _REFERENCE:
-        wd = base / "reference"
+        wd = factory.mktemp("reference")
         write_config(wd, ROBUST_TINY)
         run = run_workflow(wd)
         check_ok(run, "reference run")

@@ -87,7 +87,8 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
         raise DataError(f"labels CSV {csv}: an id does not fit in a 64-bit integer ({exc})") from exc
     dup = objid[objid.duplicated()]
     if len(dup):
-        raise DataError(f"labels CSV {csv}: duplicate id(s) {dup.head(5).tolist()}")
+        rows = (np.flatnonzero((objid == dup.iloc[0]).to_numpy()) + 2).tolist()
+        raise DataError(f"labels CSV {csv}: duplicate id(s) {dup.head(5).tolist()}; id {dup.iloc[0]} is on rows {rows}")
     raw = df[cols["label_column"]].str.strip()
     label_map: Mapping[str, str | None] = params.get("label_map") or {}
     if label_map:

@@ -324,7 +324,7 @@ def data_release(params: Mapping[str, Any] | None) -> int:
 
 def _url(params: Mapping[str, Any] | None, key: str) -> str:
     value = _lookup(params, key)
-    if not isinstance(value, str) or not re.match(r"^https?://[^\s]+$", value):
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s]+", value):
         raise ConfigError(f"sdss.{key}: expected an http(s) URL, got {_show(value)}")
     return value.rstrip("/")
 
@@ -355,7 +355,7 @@ def _fractions(params: Mapping[str, Any] | None) -> dict[str, dict[str, tuple[fl
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for cls, conds in raw.items():
         key = f"sdss.labels.fractions.{cls}"
-        if not isinstance(cls, str) or not _LABEL_NAME.match(cls):
+        if not isinstance(cls, str) or not _LABEL_NAME.fullmatch(cls):
             raise ConfigError(f"sdss.labels.fractions: class name {_show(cls)} must match {_LABEL_NAME.pattern}")
         if not isinstance(conds, Mapping) or not conds:
             raise ConfigError(f"{key}: expected a non-empty mapping column -> threshold")
