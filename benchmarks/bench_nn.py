@@ -29,7 +29,7 @@ import sys
 
 _BAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _MARK = "_GALPIPE_BENCH_UNSET_ENV"
-if any(k in os.environ for k in _BAD_ENV) and "numpy" not in sys.modules:
+if any(k in os.environ for k in _BAD_ENV):
     removed = [f"{k}={os.environ.pop(k)}" for k in _BAD_ENV if k in os.environ]
     os.environ[_MARK] = " ".join(removed)
     os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -70,12 +70,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_calls(fn: Callable[[], object], calls: int) -> float:
-    """Seconds per call of ``fn`` over ``calls`` consecutive calls."""
-    t0 = time.perf_counter()
+def time_calls(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    """Wall-clock and process-CPU seconds per call of ``fn`` over ``calls`` calls."""
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls
 
 
 def galpipe_impl(
@@ -226,30 +226,34 @@ def main(argv: list[str] | None = None) -> int:
                 impls["torch NHWC"] = torch_impl(torch, x, y, channels_last=True)
                 impls["torch NCHW"] = torch_impl(torch, x, y, channels_last=False)
             times: dict[str, dict[str, list[float]]] = {
-                k: {"train": [], "infer": []} for k in impls
+                k: {"train": [], "infer": [], "train_cpu": [], "infer_cpu": []} for k in impls
             }
             for mode, idx in (("train", 0), ("infer", 1)):
                 for fns in impls.values():
                     time_calls(fns[idx], 3)  # warm-up
                 for _ in range(args.reps):
                     for name, fns in impls.items():
-                        times[name][mode].append(time_calls(fns[idx], args.steps))
+                        wall, cpu = time_calls(fns[idx], args.steps)
+                        times[name][mode].append(wall)
+                        times[name][f"{mode}_cpu"].append(cpu)
             results[n] = {
                 name: {m: statistics.median(v) for m, v in t.items()}
                 for name, t in times.items()
             }
             print(f"[{n} thread(s): galpipe workers={get_num_workers()}, load average "
-                  f"{os.getloadavg()[0]:.2f}]")
+                  f"{os.getloadavg()[0]:.2f} (other processes compete for the CPUs when > "
+                  f"{n})]")
 
     b = args.batch
     print()
     print(f"batch {b}, input {INPUT_SHAPE}, median of {args.reps} x {args.steps} calls")
     print(f"{'threads':>7}  {'impl':<11} {'train step/s':>12} {'train img/s':>11} "
-          f"{'infer img/s':>11}")
+          f"{'infer img/s':>11}   {'CPU ms/train step':>17} {'CPU ms/infer batch':>18}")
     for n, res in results.items():
         for impl, r in res.items():
             print(f"{n:>7}  {impl:<11} {1 / r['train']:>12.2f} {b / r['train']:>11.0f} "
-                  f"{b / r['infer']:>11.0f}")
+                  f"{b / r['infer']:>11.0f}   {1e3 * r['train_cpu']:>17.1f} "
+                  f"{1e3 * r['infer_cpu']:>18.1f}")
     if torch is not None:
         print()
         for n, res in results.items():
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             best_infer = min(res["torch NHWC"]["infer"], res["torch NCHW"]["infer"])
             print(f"ratio galpipe/PyTorch ({n} thread(s), vs the faster PyTorch layout): "
                   f"training {best_train / g['train']:.2f}x, "
-                  f"inference {best_infer / g['infer']:.2f}x")
+                  f"inference {best_infer / g['infer']:.2f}x (wall clock, higher is better)")
     print(f"peak RSS: galpipe alone {rss_galpipe:.0f} MiB; whole process at the end "
           f"{peak_rss_mib():.0f} MiB")
     return 0

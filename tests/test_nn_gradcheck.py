@@ -235,7 +235,8 @@ def test_sequential_with_fused_steps_gradients(conv_mode: str) -> None:
 
 
 def test_fused_and_unfused_execution_agree() -> None:
-    """The fused conv/relu/pool steps compute exactly what the separate layers compute."""
+    """The fused conv/relu/pool steps compute what the separate layers compute: identical
+    outputs and input gradients; parameter gradients up to the order of the float sums."""
     spec = [{"type": "conv2d", "filters": 8}, "relu", "maxpool2d",
             {"type": "conv2d", "filters": 4}, "relu", "flatten", {"type": "dense", "units": 3}]
     from galpipe.nn import build_model
@@ -249,7 +250,8 @@ def test_fused_and_unfused_execution_agree() -> None:
         np.testing.assert_array_equal(fused.forward(x, training), plain.forward(x, training))
     np.testing.assert_array_equal(fused.backward(d), plain.backward(d))
     for k, g in fused.gradients().items():
-        np.testing.assert_array_equal(g, plain.gradients()[k])
+        ref = plain.gradients()[k]
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
 def test_every_registered_layer_type_is_checked() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -207,3 +208,50 @@ def test_small_convnet_memorises_random_labels() -> None:
     assert first > 0.9
     assert final < 0.02
     assert np.all(model.forward(x).argmax(axis=1) == y)
+
+
+def test_backward_after_inference_forward_matches_training_forward() -> None:
+    """Input gradients (saliency) work after forward(training=False) too."""
+    model = build_model(SMALL, (8, 8, 3), seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
+    d = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    model.forward(x, training=False)
+    dx_eval = model.backward(d)
+    grads_eval = {k: g.copy() for k, g in model.gradients().items()}
+    model.forward(x, training=True)
+    np.testing.assert_array_equal(dx_eval, model.backward(d))
+    for k, g in model.gradients().items():
+        np.testing.assert_array_equal(grads_eval[k], g)
+
+
+def _forward_in_child(model, x, expected, queue) -> None:  # pragma: no cover - in child
+    queue.put(bool(np.array_equal(model.forward(x), expected)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_worker_threads_survive_fork() -> None:
+    """A forked child (multiprocessing 'fork') gets a fresh worker pool, no deadlock."""
+    import multiprocessing
+
+    from galpipe.nn import set_num_workers
+
+    set_num_workers(2)
+    try:
+        model = build_model(SMALL, (8, 8, 3), seed=0)
+        x = np.random.default_rng(0).standard_normal((64, 8, 8, 3)).astype(np.float32)
+        expected = model.forward(x)
+        import galpipe.nn.base as nn_base
+
+        assert nn_base._EXECUTOR is not None  # the parent's worker pool exists
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_forward_in_child, args=(model, x, expected, queue))
+        proc.start()
+        proc.join(timeout=60)
+        alive = proc.is_alive()
+        if alive:
+            proc.kill()
+        assert not alive, "forward pass in a forked child hung"
+        assert queue.get(timeout=5) is True
+    finally:
+        set_num_workers(None)

@@ -255,6 +255,18 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _EXECUTOR
 
 
+def _reset_after_fork() -> None:
+    """A forked child has none of the parent's worker threads: start a fresh pool."""
+    global _EXECUTOR, _EXECUTOR_SIZE, _LOCK, _LOCAL
+    _EXECUTOR, _EXECUTOR_SIZE = None, 0
+    _LOCK = threading.Lock()
+    _LOCAL = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """Split ``range(n)`` into ``parts`` contiguous, nearly equal ``(lo, hi)`` ranges."""
     parts = max(1, min(parts, n))

@@ -53,6 +53,8 @@ MAX_PIECE = 16
 #: (:func:`im2col_t`, long copy runs) and, in training, keep them from the forward
 #: pass for the backward pass instead of recomputing them.
 SMALL_PATCH_BELOW = 16
+#: Keep the (transposed) patches of few-channel convolutions for the backward pass.
+KEEP_SMALL_PATCHES = True
 
 
 def as_pair(value: Any, what: str, *, minimum: int = 1) -> tuple[int, int]:
@@ -132,6 +134,37 @@ def im2col_rows(
     dest = cols[:, :k].reshape(n, ho, wo, kh, kw * c)
     for i in range(kh):
         dest[:, :, :, i, :] = _rows_view(xp, ho, wo, sh, sw, kw, i)
+
+
+def row_sources(
+    xp: np.ndarray, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int, blocked: bool
+) -> list[list[np.ndarray]]:
+    """Strided source views for :func:`fill_rows`, built once per batch.
+
+    ``sources[k][i]`` is the ``(n, ho', wo', kw*C)`` view of kernel row ``i`` for
+    block ``k`` (one block, or four with ``blocked``: output pixels
+    ``(2*y2 + dy, 2*x2 + dx)``, ``k = 2*dy + dx``, with ``ho' = ho/2``, ``wo' = wo/2``).
+    Slicing these views per piece is cheap; building them (``as_strided``) is not.
+    """
+    if not blocked:
+        return [[_rows_view(xp, ho, wo, sh, sw, kw, i) for i in range(kh)]]
+    return [
+        [_rows_view(xp[:, dy * sh :, dx * sw :], ho // 2, wo // 2, 2 * sh, 2 * sw, kw, i)
+         for i in range(kh)]
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))
+    ]
+
+
+def fill_rows(sources: list[list[np.ndarray]], a: int, b: int, cols: np.ndarray) -> None:
+    """im2col of samples ``a:b`` from :func:`row_sources` views into ``cols`` (rows layout)."""
+    m = b - a
+    n_blocks = len(sources)
+    q = cols.shape[0] // n_blocks
+    for k, srcs in enumerate(sources):
+        _, ho_, wo_, run = srcs[0].shape
+        dest = cols[k * q : (k + 1) * q, : len(srcs) * run].reshape(m, ho_, wo_, len(srcs), run)
+        for i, src in enumerate(srcs):
+            dest[:, :, :, i, :] = src[a:b]
 
 
 def im2col_t(
@@ -314,14 +347,53 @@ class Conv2D(Layer):
         stride-2 max-pool (``post="relu_pool"``), applied piece by piece while the
         convolution output is still in cache.
 
-        Values and gradients are exactly those of the separate layers
+        Outputs and input gradients are exactly those of the separate layers
         (:class:`~galpipe.nn.activations.ReLU`, :class:`~galpipe.nn.pooling.MaxPool2D`,
-        same tie rule); the full-resolution activation is never written to memory.
-        Used by :class:`~galpipe.nn.model.Sequential`; pair with :meth:`backward_fused`.
+        same tie rule); parameter gradients equal theirs up to the order of the float
+        sums (with the pool, the patch rows are grouped by window position so that
+        pooling works on contiguous blocks).  The full-resolution activation is
+        never written to memory.  Used by :class:`~galpipe.nn.model.Sequential`;
+        pair with :meth:`backward_fused`.
         """
         if post not in ("relu", "relu_pool"):
             raise ModelError(f"conv2d: unknown fused post-op {post!r}")
         return self._forward(x, training, post)
+
+    def _patches(self, xp: np.ndarray, a: int, b: int, dest: np.ndarray, transposed: bool,
+                 blocked: bool, sources: list[list[np.ndarray]] | None) -> None:
+        """im2col of samples ``a:b`` of the padded input ``xp`` into ``dest``.
+
+        ``dest`` is ``(m*Ho*Wo, K [+1])`` (or its transpose when ``transposed``).
+        With ``blocked`` the rows are ordered ``(dy, dx, n, y2, x2)`` -- output pixel
+        ``(2*y2 + dy, 2*x2 + dx)`` -- so that the four positions of every 2x2 pooling
+        window lie in four contiguous blocks.  ``sources`` are the precomputed
+        :func:`row_sources` views (rows layout only).
+        """
+        if not transposed:
+            assert sources is not None
+            fill_rows(sources, a, b, dest)
+            return
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ho, wo = self._out_hw
+        piece = xp[a:b]
+        if not blocked:
+            im2col_t(piece, dest, kh, kw, sh, sw, ho, wo)
+            return
+        q = (b - a) * (ho // 2) * (wo // 2)
+        for k in range(4):
+            dy, dx = divmod(k, 2)
+            im2col_t(piece[:, dy * sh :, dx * sw :], dest[:, k * q : (k + 1) * q], kh, kw,
+                     2 * sh, 2 * sw, ho // 2, wo // 2)
+
+    def _sources(self, xp: np.ndarray, transposed: bool, blocked: bool
+                 ) -> list[list[np.ndarray]] | None:
+        if transposed:
+            return None
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ho, wo = self._out_hw
+        return row_sources(xp, kh, kw, sh, sw, ho, wo, blocked)
 
     def _forward(self, x: np.ndarray, training: bool, post: str | None) -> np.ndarray:
         self._ensure_built(x)
@@ -334,11 +406,10 @@ class Conv2D(Layer):
         dt = x.dtype
         n = x.shape[0]
         h, w, c = self.input_shape
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
+        kw = self.kernel_size[1]
         ho, wo = self._out_hw
         (pt, pb), (pl, pr) = self._pads
-        kk = kh * kw * c + (1 if self.use_bias else 0)
+        kk = self.kernel_size[0] * kw * c + (1 if self.use_bias else 0)
         f = self.filters
         mp = ho * wo
         wmat = self._weight_matrix(dt)
@@ -356,7 +427,7 @@ class Conv2D(Layer):
         pieces, ps = self._pieces(n, kk, dt.itemsize)
         nk = len(plan_chunks(len(pieces)))
         transposed = kw * c < SMALL_PATCH_BELOW
-        keep = training and transposed
+        keep = training and transposed and KEEP_SMALL_PATCHES
         if keep:
             store = self._scratch("cols_all", 0, (kk, n * mp), dt)
         scratch = [
@@ -369,10 +440,12 @@ class Conv2D(Layer):
             for buf in [*scratch, *([store] if keep else [])]:
                 if buf[-1, 0] != 1:
                     buf[-1] = 1.0  # ones row for the bias, set once
+        sources = self._sources(xp, transposed, pool)
+        winners = None
         if pool:
             ys = [self._scratch("y", k, (ps * mp, f), dt) for k in range(nk)]
-            lower = np.empty((n, ho // 2, wo, f), dtype=bool) if training else None
-            right = np.empty(out.shape, dtype=bool) if training else None
+            if training:
+                winners = tuple(np.empty(out.shape, dtype=bool) for _ in range(3))
 
         def work(k: int, lo: int, hi: int) -> None:
             for a, b in pieces[lo:hi]:
@@ -382,23 +455,23 @@ class Conv2D(Layer):
                 y = ys[k][: m * mp] if pool else out2[a * mp : b * mp]
                 if transposed:
                     blk_t = store[:, a * mp : b * mp] if keep else scratch[k][:, : m * mp]
-                    im2col_t(xp[a:b], blk_t, kh, kw, sh, sw, ho, wo)
+                    self._patches(xp, a, b, blk_t, True, pool, None)
                     np.matmul(blk_t.T, wmat, out=y)
                 else:
                     blk = scratch[k][: m * mp]
-                    im2col_rows(xp[a:b], blk, kh, kw, sh, sw, ho, wo)
+                    self._patches(xp, a, b, blk, False, pool, sources)
                     np.matmul(blk, wmat, out=y)
                 if pool:
-                    _pool2x2_relu(y.reshape(m, ho, wo, f), out[a:b],
-                                  lower[a:b] if lower is not None else None,
-                                  right[a:b] if right is not None else None)
+                    _pool_blocks_relu(y.reshape(4, m, ho // 2, wo // 2, f), out[a:b],
+                                      None if winners is None else [v[a:b] for v in winners])
                 elif post == "relu":
                     np.maximum(y, 0, out=y)
 
         parallel_chunks(work, len(pieces), with_index=True)
         self._cache = {
             "xp": xp, "n": n, "cols_all": store if keep else None, "transposed": transposed,
-            "post": post, "out": out if post else None, "winners": (lower, right) if pool and training else None,
+            "post": post, "out": out if post else None, "winners": winners,
+            "pieces": pieces,
         }
         return out
 
@@ -429,7 +502,7 @@ class Conv2D(Layer):
         stored: np.ndarray | None = self._cache["cols_all"]
         post: str | None = self._cache["post"]
         fused_out: np.ndarray | None = self._cache["out"]
-        winners: tuple[np.ndarray, np.ndarray] | None = self._cache["winners"]
+        winners: tuple[np.ndarray, ...] | None = self._cache["winners"]
         dt = xp.dtype
         dout = np.ascontiguousarray(dout, dtype=dt)
         h, w, c = self.input_shape
@@ -446,14 +519,22 @@ class Conv2D(Layer):
             raise ModelError(
                 f"conv2d: backward expects a gradient of shape {expected}, got {dout.shape}"
             )
-        if post == "relu_pool" and winners is None:
-            raise ModelError("conv2d: fused max-pool backward needs a forward(training=True)")
+        pool = post == "relu_pool"
+        if pool and winners is None:
+            # The forward ran in inference mode, which does not record the pooling
+            # winners: recompute the forward pass (same input, same values) with them.
+            self._forward(np.array(xp[:, pt : pt + h, pl : pl + w, :]), True, post)
+            return self._backward(dout)
         need_dx = self.input_grad_needed
         full = need_dx and self._full_corr
         padded = bool(pt or pb or pl or pr)
         dx = np.empty((n, h, w, c), dtype=dt) if need_dx else None
-        width = max(kk, kh * kw * f) if full else kk
-        pieces, ps = self._pieces(n, width, dt.itemsize)
+        if stored is not None:
+            # kept patches are laid out piece by piece: reuse the forward pieces
+            pieces = self._cache["pieces"]
+            ps = max(b - a for a, b in pieces)
+        else:
+            pieces, ps = self._pieces(n, kk, dt.itemsize)
         nk = len(plan_chunks(len(pieces)))
         transposed: bool = self._cache["transposed"]
         if stored is None:
@@ -466,8 +547,11 @@ class Conv2D(Layer):
             if transposed and self.use_bias:
                 for buf in cols:
                     buf[-1] = 1.0
+        sources = self._sources(xp, transposed, pool) if stored is None else None
         if post:
             dys = [self._scratch("dy", k, (ps * mp, f), dt) for k in range(nk)]
+        if pool and need_dx and not full:
+            dnat = [self._scratch("dnat", k, (ps * mp, f), dt) for k in range(nk)]
         d2 = dout.reshape(-1, f)
         wk = self.params["W"].astype(dt, copy=False)
         if full:
@@ -481,6 +565,7 @@ class Conv2D(Layer):
                      for k in range(nk)]
             dcols = [self._scratch("dcols", k, (ps * h * w, kh * kw * f), dt)
                      for k in range(nk)]
+            dsources = [row_sources(dp, kh, kw, 1, 1, h, w, False) for dp in dpads]
         elif need_dx:
             # one GEMM per kernel offset, accumulated with sliced adds (any stride)
             wts = [np.ascontiguousarray(wk[i, j].T) for i in range(kh) for j in range(kw)]
@@ -492,11 +577,11 @@ class Conv2D(Layer):
             parts = []
             for a, b in pieces[lo:hi]:
                 m = b - a
-                if post == "relu_pool":
+                if pool:
                     assert fused_out is not None and winners is not None
-                    dpiece = dys[k][: m * mp]
-                    _unpool2x2_relu(dout[a:b], fused_out[a:b], winners[0][a:b],
-                                    winners[1][a:b], dpiece.reshape(m, ho, wo, f))
+                    dpiece = dys[k][: m * mp]  # blocked row order, like the patches
+                    _unpool_blocks_relu(dout[a:b], fused_out[a:b], [v[a:b] for v in winners],
+                                        dpiece.reshape(4, m, ho // 2, wo // 2, f))
                 elif post == "relu":
                     assert fused_out is not None
                     dpiece = dys[k][: m * mp]
@@ -509,21 +594,30 @@ class Conv2D(Layer):
                         blk_t = stored[:, a * mp : b * mp]
                     else:
                         blk_t = cols[k][:, : m * mp]
-                        im2col_t(xp[a:b], blk_t, kh, kw, sh, sw, ho, wo)
+                        self._patches(xp, a, b, blk_t, True, pool, None)
                     parts.append(blk_t @ dpiece)
                 else:
                     blk = cols[k][: m * mp]
-                    im2col_rows(xp[a:b], blk, kh, kw, sh, sw, ho, wo)
+                    self._patches(xp, a, b, blk, False, pool, sources)
                     parts.append(blk.T @ dpiece)
+                if not need_dx:
+                    continue
+                assert dx is not None
                 if full:
-                    assert dx is not None
                     dp = dpads[k][:m]
-                    dp[:, qt : qt + ho, ql : ql + wo, :] = dpiece.reshape(m, ho, wo, f)
+                    inner = dp[:, qt : qt + ho, ql : ql + wo, :]
+                    if pool:
+                        _unblock(dpiece, inner)
+                    else:
+                        inner[...] = dpiece.reshape(m, ho, wo, f)
                     dblk = dcols[k][: m * h * w]
-                    im2col_rows(dp, dblk, kh, kw, 1, 1, h, w)
+                    fill_rows(dsources[k], 0, m, dblk)
                     np.matmul(dblk, wflip, out=dx[a:b].reshape(m * h * w, c))
-                elif need_dx:
-                    assert dx is not None
+                else:
+                    if pool:
+                        nat = dnat[k][: m * mp]
+                        _unblock(dpiece, nat.reshape(m, ho, wo, f))
+                        dpiece = nat
                     g = dxps[k][:m] if padded else dx[a:b]
                     g[...] = 0.0
                     t = tmps[k][: m * mp]
@@ -547,36 +641,44 @@ class Conv2D(Layer):
         return dx
 
 
-def _pool2x2_relu(
-    y: np.ndarray, out: np.ndarray, lower: np.ndarray | None, right: np.ndarray | None
+def _pool_blocks_relu(
+    y: np.ndarray, out: np.ndarray, winners: list[np.ndarray] | None
 ) -> None:
-    """``out = relu(maxpool2x2(y))`` for ``y`` ``(m, H, W, F)`` -> ``out`` ``(m, H/2, W/2, F)``.
+    """``out = relu(maxpool2x2(y))`` for ``y`` in blocked order ``(4, m, H/2, W/2, F)``.
 
-    With the same tie rule as :class:`~galpipe.nn.pooling.MaxPool2D`, records the
-    winners for the backward pass: ``lower`` ``(m, H/2, W, F)`` -- per column, the
-    lower row is strictly larger -- and ``right`` ``(m, H/2, W/2, F)`` -- the right
-    column's maximum is strictly larger.
+    Block ``2*dy + dx`` holds window position ``(dy, dx)``, so every operation is on
+    contiguous arrays.  The tie rule is that of :class:`~galpipe.nn.pooling.MaxPool2D`
+    (per column the upper row wins ties, then the left column); ``winners``
+    receives ``(lower_left, lower_right, right)``: the lower row strictly larger in
+    the left/right column, the right column's maximum strictly larger.
     """
-    m, hh, ww, f = y.shape
-    top, bottom = y[:, 0::2], y[:, 1::2]
-    rowmax = np.maximum(top, bottom)
-    r5 = rowmax.reshape(m, hh // 2, ww // 2, 2, f)
-    np.maximum(r5[:, :, :, 0], r5[:, :, :, 1], out=out)
-    if lower is not None and right is not None:
-        np.greater(bottom, top, out=lower)
-        np.greater(r5[:, :, :, 1], r5[:, :, :, 0], out=right)
+    left = np.maximum(y[0], y[2])
+    right = np.maximum(y[1], y[3])
+    np.maximum(left, right, out=out)
+    if winners is not None:
+        np.greater(y[2], y[0], out=winners[0])
+        np.greater(y[3], y[1], out=winners[1])
+        np.greater(right, left, out=winners[2])
     np.maximum(out, 0, out=out)
 
 
-def _unpool2x2_relu(
-    d: np.ndarray, out: np.ndarray, lower: np.ndarray, right: np.ndarray, dy: np.ndarray
+def _unpool_blocks_relu(
+    d: np.ndarray, out: np.ndarray, winners: list[np.ndarray], dy: np.ndarray
 ) -> None:
-    """Gradient of :func:`_pool2x2_relu`: route ``d * (out > 0)`` to the winners in ``dy``."""
-    m, hh, ww, f = dy.shape
+    """Gradient of :func:`_pool_blocks_relu`: ``dy`` ``(4, m, H/2, W/2, F)`` (blocked)."""
     g = d * (out > 0)
-    dcol = np.empty((m, hh // 2, ww, f), dtype=dy.dtype)
-    dc5 = dcol.reshape(m, hh // 2, ww // 2, 2, f)
-    np.multiply(g, right, out=dc5[:, :, :, 1])
-    np.subtract(g, dc5[:, :, :, 1], out=dc5[:, :, :, 0])  # exact: g - g or g - 0
-    np.multiply(dcol, lower, out=dy[:, 1::2])
-    np.subtract(dcol, dy[:, 1::2], out=dy[:, 0::2])
+    d_right = g * winners[2]
+    d_left = g - d_right  # exact: g - g or g - 0
+    np.multiply(d_left, winners[0], out=dy[2])
+    np.subtract(d_left, dy[2], out=dy[0])
+    np.multiply(d_right, winners[1], out=dy[3])
+    np.subtract(d_right, dy[3], out=dy[1])
+
+
+def _unblock(blocked: np.ndarray, natural: np.ndarray) -> None:
+    """Copy rows in blocked order ``(dy, dx, m, y2, x2)`` into ``natural`` ``(m, H, W, F)``."""
+    m, hh, ww, f = natural.shape
+    b5 = blocked.reshape(4, m, hh // 2, ww // 2, f)
+    for k in range(4):
+        dy, dx = divmod(k, 2)
+        natural[:, dy::2, dx::2, :] = b5[k]

@@ -113,7 +113,10 @@ class Dense(Layer):
         # Split over input features: disjoint rows of dW and columns of dx, each
         # computed exactly as in one GEMM (same reduction), for any worker count.
         def work(lo: int, hi: int) -> None:
-            gw[lo:hi] = x[:, lo:hi].T @ dout
+            if gw.dtype == x.dtype:
+                np.matmul(x[:, lo:hi].T, dout, out=gw[lo:hi])
+            else:
+                gw[lo:hi] = x[:, lo:hi].T @ dout
             if dx is not None:
                 np.matmul(dout, w[lo:hi].T, out=dx[:, lo:hi])
 

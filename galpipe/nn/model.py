@@ -158,8 +158,9 @@ class Sequential(_Container):
     -----
     Use :func:`build_model` to build a model with a known input shape and seed.
     Some adjacent layers are executed fused (see :meth:`_make_plan`): identical
-    values and gradients, much less memory traffic -- e.g. ``conv2d, relu,
-    maxpool2d`` pools each piece of the convolution output while it is in cache.
+    outputs and input gradients (parameter gradients up to the order of float
+    sums), much less memory traffic -- e.g. ``conv2d, relu, maxpool2d`` pools each
+    piece of the convolution output while it is in cache.
     After a fused forward pass the individual layers' caches are not populated,
     so run the backward pass through the container.
     """
@@ -169,10 +170,10 @@ class Sequential(_Container):
         if isinstance(layers, str | bytes | dict) or not isinstance(layers, Sequence):
             raise ModelError(f"sequential: 'layers' must be a list, got {layers!r}")
         items: list[Layer] = []
-        pending: list[Any] = []
         if all(isinstance(item, Layer) for item in layers):
             items = list(layers)
         else:
+            # specs (and any Layer instances among them, re-created from their configs)
             pending = expand_spec(
                 [item.get_config() if isinstance(item, Layer) else item for item in layers],
                 where="sequential",
@@ -254,7 +255,8 @@ class Sequential(_Container):
         * ``conv2d, relu`` -> ``"conv_relu"``
         * ``relu, maxpool2d`` -> ``"relu_pool"`` (pool first, then ReLU on 4x fewer values)
 
-        Fused steps compute exactly what the separate layers compute.
+        Fused steps compute what the separate layers compute (outputs and input
+        gradients bit for bit).
         """
         plan: list[tuple[str, tuple[int, ...]]] = []
         layers = self.layers
