@@ -120,6 +120,7 @@ def slurm_cluster() -> None:
 
 
 def _command(workdir: Path, limit_s: int, *extra: str) -> list[str]:
+    """Snakemake on the galpipe workflow in ``workdir``, killed after ``limit_s`` seconds."""
     return [
         "timeout", "-k", "10", str(limit_s),
         sys.executable, "-m", "snakemake",
