@@ -191,3 +191,14 @@ def test_cutout_roundtrip_and_wcs(tmp_path: Path) -> None:
     (tmp_path / "empty.fits").write_bytes(b"")
     with pytest.raises(DataError, match="empty"):
         read_cutout(tmp_path / "empty.fits")
+
+
+def test_normalise_streams_row_groups(tmp_path: Path) -> None:
+    df = _cat(40)
+    man, shard = _write_shard(tmp_path, df, "s")
+    out = tmp_path / "n.parquet"
+    normalise_shard(man, shard, out, tmp_path / "r.parquet", params={}, size=8, row_group_rows=16)
+    md = pq.ParquetFile(out).metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [16, 16, 8]
+    imgs, rest = read_images(out)
+    assert imgs.shape == (40, 8, 8, 3) and rest["objid"].is_monotonic_increasing
