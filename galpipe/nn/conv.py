@@ -329,8 +329,8 @@ class Conv2D(Layer):
     def _scratch(self, tag: str, k: int, shape: tuple[int, ...], dt: np.dtype, *,
                  zero: bool = False, bias_col: bool = False) -> np.ndarray:
         buf = self._bufs.get(f"{tag}{k}", shape, dt, zero=zero or bias_col)
-        if bias_col and buf[0, -1] != 1:
-            buf[:, -1] = 1.0  # set once; im2col never writes the last column
+        if bias_col:
+            buf[:, -1] = 1.0  # the bias column; im2col never writes it
         return buf
 
     # -- forward -------------------------------------------------------------------------
@@ -438,8 +438,9 @@ class Conv2D(Layer):
         ]
         if transposed and self.use_bias:
             for buf in [*scratch, *([store] if keep else [])]:
-                if buf[-1, 0] != 1:
-                    buf[-1] = 1.0  # ones row for the bias, set once
+                # ones row for the bias: always written (one row), since a fresh
+                # np.empty buffer may hold a stray 1.0 where a "set once" check looks
+                buf[-1] = 1.0
         sources = self._sources(xp, transposed, pool)
         winners = None
         if pool:
