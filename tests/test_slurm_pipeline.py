@@ -212,9 +212,10 @@ def test_every_rule_runs_as_its_own_sbatch_job(runs: dict[str, Run]) -> None:
 
     for (rule, wildcards), (_, log, _) in jobs.items():
         text = log.read_text(errors="replace")
-        # The plugin's log of the job: the job-step Snakemake ran exactly this rule instance.
-        assert "--executor slurm-jobstep" in text, log
-        assert f"--allowed-rules {rule}" in text, log
+        # The plugin's log of the job: inside the allocation a job-step Snakemake ran exactly this
+        # rule instance as a local rule. (Only the start-up banner, which some Snakemake 9
+        # releases print and others do not, names the jobstep executor, so it is not relied on.)
+        assert re.search(rf"^localrule {rule}:$", text, re.MULTILINE), log
         inner = [j for j in _job_blocks(text).values() if j.rule == rule]
         assert inner and {(j.wildcards, j.threads) for j in inner} == {(wildcards, jobs[rule, wildcards][2].threads)}
         assert re.search(rf"Finished jobid: \d+ \(Rule: {rule}\)", text), log
