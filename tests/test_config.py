@@ -106,3 +106,28 @@ def test_deep_merge_and_fingerprint_are_stable() -> None:
     assert a["x"]["y"] == 1
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_shipped_configs_validate_and_their_networks_build(name: str) -> None:
+    """Every config in config/ is valid and each experiment's network fits its input shape."""
+    from galpipe.experiment import check_architectures
+
+    cfg = load_config(REPO / "config" / name)
+    experiments = resolve_experiments(cfg, [REPO / "config" / "architectures"])
+    assert experiments
+    check_architectures(cfg, experiments)  # raises ModelError naming the experiment and layer
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "architectures").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_has_a_one_line_description_and_builds(path: Path) -> None:
+    from galpipe.config import load_preset
+    from galpipe.experiment import full_architecture
+    from galpipe.nn.model import build_model
+
+    preset = load_preset(path.stem, [path.parent])
+    assert preset["description"].strip() and "\n" not in preset["description"].strip()
+    if path.stem == "features_mlp":  # catalogue features, not pixels
+        return
+    model = build_model(full_architecture(preset["architecture"], 3), (32, 32, 3))
+    assert model.n_params() > 0
