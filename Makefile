@@ -14,6 +14,8 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,slurm]'
+	@# what the resolver picked (a fresh install may differ from an old .venv)
+	@$(BIN)/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(snakemake|snakemake-executor-plugin-slurm|numpy|astropy|astroquery|pandas|pyarrow|galsim)==' | tr '\n' ' '; echo
 	touch $(STAMP)
 
 run: $(STAMP)
