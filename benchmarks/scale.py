@@ -322,6 +322,28 @@ def print_size(r: SizeResult) -> None:
               flush=True)
 
 
+def slurm_probe_state() -> str:
+    """Why a bare ``snakemake`` may start slowly here: the SLURM executor plugin's import-time probe.
+
+    When the ``slurm`` extra is installed and SLURM's client tools are on ``PATH``, the
+    plugin runs ``scontrol show config`` while Snakemake parses its command line (to pick
+    a status command), with a 10 s timeout.  With the controller unreachable (client
+    tools installed, ``slurmctld`` stopped) every Snakemake start, no-op reruns included,
+    waits those 10 s.  A laptop without SLURM or a cluster login node does not.
+    """
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
+        return "no SLURM client tools on PATH (the plugin's probe is skipped)"
+    try:
+        ok = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if ok:
+        return "SLURM client tools on PATH and the controller answers (the plugin's probe is quick)"
+    return ("WARNING: SLURM client tools on PATH but no controller answers: the SLURM executor plugin's "
+            "import-time 'scontrol show config' makes every Snakemake start wait up to 10 s "
+            "(start the cluster, scripts/slurm/start.sh, or uninstall the slurm extra)")
+
+
 def report(results: list[SizeResult], args: argparse.Namespace) -> bool:
     """Print the figures and the PASS/FAIL checks; return True when every check passes."""
     print()
@@ -331,6 +353,7 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> bool:
           f"throughput gate: per {'wall' if args.gate == 'wall' else 'CPU'} second")
     print("removed from the environment before numpy was imported (also for snakemake): "
           + (", ".join(REMOVED_ENV) if REMOVED_ENV else "nothing (neither variable was set)"))
+    print(f"SLURM: {args.slurm_state}")
     for r in results:
         print_size(r)
     if len(results) < 2:
@@ -379,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="throughput the 20%% check compares: galaxies per wall second (default) or per "
                         "CPU-second (for a machine shared with other work)")
     args = p.parse_args(argv)
+    args.slurm_state = slurm_probe_state()
+    print(f"SLURM: {args.slurm_state}", flush=True)
     sizes = sorted(args.sizes)
     if sizes[0] < 10 * args.shards:
         p.error(f"sizes must be at least {10 * args.shards} (10 galaxies per shard)")
