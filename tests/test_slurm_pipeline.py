@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from robust_fixtures import ROBUST_TINY
 from test_slurm import PARTITION, _cancel_jobs_in, _job_fields, _slurm_unavailable, _submit_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -48,22 +49,8 @@ SLURM_LIMIT_S = 270
 #: Hard limit for the local run (seconds); it takes under a minute.
 LOCAL_LIMIT_S = 240
 
-CONFIG = {
-    "source": "simulated",
-    "seed": 11,
-    "cutout_size": 32,
-    "shards": 2,
-    "simulated": {"n_galaxies": 90},
-    "split": {"row_group_size": 16},
-    "training": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
-    "experiments": {
-        "tiny_cnn": {"architecture": [{"type": "conv2d", "filters": 4}, "relu", "maxpool2d",
-                                      "global_avg_pool"]},
-        "baseline": {"architecture": "features_mlp", "inputs": "features",
-                     "training": {"augment": False}},
-    },
-    "evaluate": {"n_bootstrap": 20, "gallery_size": 4},
-}
+#: The tiny simulated workflow shared with the robustness tests.
+CONFIG = ROBUST_TINY
 
 #: (rule, wildcards path) of every job the config makes; each must be its own sbatch job.
 EXPECTED_JOBS = {
