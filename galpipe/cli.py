@@ -132,7 +132,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from galpipe.predict import predict_input
 
     df = predict_input(args.model, args.input, args.output, tta=args.tta, mc_dropout=args.mc_dropout,
-                       config=args.config, crop_fraction=args.crop_fraction, seed=args.seed)
+                       config=args.config, crop_fraction=args.crop_fraction, seed=args.seed,
+                       cache_dir=args.cache_dir)
     print(f"{len(df)} predictions -> {args.output}")
     return 0
 
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default=None, help="config whose source fetches cutouts for a catalogue input")
     sp.add_argument("--crop-fraction", type=float, default=None)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--cache-dir", default="resources/cutouts",
+                    help="where a catalogue input's cutouts are cached (default: the pipeline's cache, "
+                         "relative to the current directory)")
     sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs", config=False)
     sp.add_argument("--model", required=True)
     sub.add_parser("fake-skyserver", help="run the offline stand-in SkyServer/SAS on 127.0.0.1", add_help=False)

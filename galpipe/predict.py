@@ -59,8 +59,13 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path) -> list[str]:
-    """Fetch the cutouts of a catalogue through the configured source; return their paths."""
+def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path,
+                       cache_root: PathLike = "resources/cutouts") -> list[str]:
+    """Fetch the cutouts of a catalogue through the configured source; return their paths.
+
+    Cutouts are cached under ``cache_root/<source>-<settings hash>`` (the pipeline's
+    own cache layout, so a catalogue already fetched by the pipeline is not fetched again).
+    """
     from galpipe.catalogue import write_catalogue
     from galpipe.config import load_config
     from galpipe.stages import cutout_cache_dir, cutouts_stage, stage_config
@@ -79,14 +84,19 @@ def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path) -
         df["label"] = "unknown"
     shard = workdir / "catalogue.parquet"
     write_catalogue(df, shard, {"source": "predict", "input": str(cat_path)})
-    man = cutouts_stage(stage_config(cfg, "cutouts"), shard, workdir / "manifest.parquet", cutout_cache_dir(cfg))
+    man = cutouts_stage(stage_config(cfg, "cutouts"), shard, workdir / "manifest.parquet",
+                        cutout_cache_dir(cfg, root=cache_root))
     return man.loc[man["status"] == "ok", "path"].tolist()
 
 
 def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *, tta: bool = False,
                   mc_dropout: int = 0, config: PathLike | None = None, crop_fraction: float | None = None,
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0, cache_dir: PathLike = "resources/cutouts") -> pd.DataFrame:
     """Classify a file, a folder or a catalogue and write probabilities to CSV or Parquet.
+
+    A catalogue's cutouts are fetched through ``config``'s source into
+    ``cache_dir`` (relative paths are relative to the current directory; the
+    default is the pipeline's own cutout cache when run from the project root).
 
     Returns
     -------
@@ -108,7 +118,7 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
         files = [str(p) for p in _image_files(src)]
     elif src.suffix.lower() in CATALOGUE_SUFFIXES:
         with tempfile.TemporaryDirectory() as tmp:
-            files = _catalogue_cutouts(src, config, Path(tmp))
+            files = _catalogue_cutouts(src, config, Path(tmp), cache_dir)
             x, kept, failed = _preprocess(files, meta, 1.0)
         return _write_predictions(model, meta, x, kept, failed, output, tta, mc_dropout, seed, predict_proba)
     else:

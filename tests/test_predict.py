@@ -234,6 +234,28 @@ def test_predict_catalogue_rerenders_the_cutouts(sim: SimpleNamespace, tmp_path:
     np.testing.assert_allclose(p, _pipeline_proba(sim, df["objid"]), rtol=1e-5, atol=2e-6)
 
 
+def test_predict_catalogue_cache_dir_is_used_and_reused(sim: SimpleNamespace, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--cache-dir`` holds the catalogue's cutouts; a second call reuses them (nothing re-rendered)."""
+    ids = _test_objids(sim)[:3]
+    cat = pd.read_parquet(sim.catalogue)
+    src = tmp_path / "new.parquet"
+    cat[cat["objid"].isin(ids)].to_parquet(src)
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "my-cache"
+    outs = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    assert _galpipe("predict", "--model", sim.model, src, "--config", sim.config, "--output", outs[0],
+                    "--cache-dir", cache) == 0
+    files = sorted(cache.glob("simulated-*/*.fits"))
+    assert sorted(p.name for p in files) == sorted(f"{o}.fits" for o in ids)
+    assert not (tmp_path / "resources").exists()  # nothing written to the default cache
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    assert _galpipe("predict", "--model", sim.model, src, "--config", sim.config, "--output", outs[1],
+                    "--cache-dir", cache) == 0
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps  # reused, not fetched again
+    pd.testing.assert_frame_equal(pd.read_parquet(outs[0]), pd.read_parquet(outs[1]))
+
+
 def test_predict_jpeg_file_and_folder_match_the_pipeline(rgb: SimpleNamespace, tmp_path: Path) -> None:
     ids = _test_objids(rgb)
     name = next(n for o, _, n in rgb.rows if o == ids[0])
