@@ -80,6 +80,7 @@ def conv_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     piece, small, workers = CONV_MODES[request.param]
     if piece is not None:
         monkeypatch.setattr(conv_mod, "PIECE_BYTES", piece)
+        monkeypatch.setattr(conv_mod, "BWD_PIECE_BYTES", piece)
     if small is not None:
         monkeypatch.setattr(conv_mod, "SMALL_PATCH_BELOW", small)
     set_num_workers(workers)

@@ -84,6 +84,7 @@ def test_conv2d_float32_and_pieces_and_workers_agree(monkeypatch) -> None:
     results = []
     for piece_bytes, workers in [(1 << 30, 1), (1, 1), (1, 2), (5000, 2)]:
         monkeypatch.setattr(conv_mod, "PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(conv_mod, "BWD_PIECE_BYTES", piece_bytes)
         set_num_workers(workers)
         try:
             layer = Conv2D(6)

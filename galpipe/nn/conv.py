@@ -19,6 +19,10 @@ Implementation notes (what makes it fast on a CPU with NumPy only):
   For stride 1 the input gradient is the correlation of the padded output
   gradient with the flipped kernel (im2col + GEMM, no scatter); otherwise one
   GEMM per kernel offset is accumulated with sliced adds (never ``np.add.at``).
+  The backward pieces are sized by everything held per sample (patches, output
+  gradient, input-gradient patches: :data:`BWD_PIECE_BYTES`); sized for the forward
+  patches alone, two workers' working sets overflowed the caches and the 2-thread
+  backward of the 16->32 conv of the benchmark network was 35% slower.
 * Parameter gradients are summed over pieces in a fixed order, so results do
   not depend on the number of workers.
 """
@@ -46,6 +50,9 @@ from galpipe.nn.init import INITIALISERS, get_initialiser
 #: pieces of samples small enough for the patches to stay in cache between the
 #: im2col copy and the GEMM that reads them.
 PIECE_BYTES = 3 << 20
+#: Target size in bytes of the per-piece working set of the backward pass (patches,
+#: output gradient and the input-gradient patches together).
+BWD_PIECE_BYTES = 3 << 20
 #: At most this many samples per piece.
 MAX_PIECE = 16
 #: Few-channel convolutions (a kernel row spans fewer than this many values,
@@ -309,7 +316,8 @@ class Conv2D(Layer):
             w = np.concatenate([w, self.params["b"][None, :]], axis=0)
         return np.ascontiguousarray(w, dtype=dt)
 
-    def _pieces(self, n: int, width: int, itemsize: int) -> tuple[list[tuple[int, int]], int]:
+    def _pieces(self, n: int, width: int, itemsize: int, budget: int | None = None
+                ) -> tuple[list[tuple[int, int]], int]:
         """Split the batch into pieces whose im2col scratch is about :data:`PIECE_BYTES`.
 
         Returns ``(bounds, size)``: ``(a, b)`` sample ranges (sizes differ by at most
@@ -319,7 +327,7 @@ class Conv2D(Layer):
         """
         ho, wo = self._out_hw
         per = max(ho * wo * width * itemsize, 1)
-        target = int(min(max(PIECE_BYTES // per, 1), MAX_PIECE, n))
+        target = int(min(max((PIECE_BYTES if budget is None else budget) // per, 1), MAX_PIECE, n))
         count = -(-n // target)
         if count > 1 and count % 2:
             count = min(count + 1, n)
@@ -535,7 +543,11 @@ class Conv2D(Layer):
             pieces = self._cache["pieces"]
             ps = max(b - a for a, b in pieces)
         else:
-            pieces, ps = self._pieces(n, kk, dt.itemsize)
+            # the backward pass holds more per sample than the forward's patches: the
+            # output gradient and, for the correlation, the patches of the padded output
+            # gradient (kh*kw*F wide, at input resolution); size its pieces by all of it
+            width = kk + f + (kh * kw * f * (h * w) // mp if full else 0)
+            pieces, ps = self._pieces(n, width, dt.itemsize, BWD_PIECE_BYTES)
         nk = len(plan_chunks(len(pieces)))
         transposed: bool = self._cache["transposed"]
         if stored is None:
@@ -596,7 +608,9 @@ class Conv2D(Layer):
                     else:
                         blk_t = cols[k][:, : m * mp]
                         self._patches(xp, a, b, blk_t, True, pool, None)
-                    parts.append(blk_t @ dpiece)
+                    # np.dot, not matmul: for this shape (K x long) @ (long x F)
+                    # matmul does not run concurrently on two threads (measured)
+                    parts.append(np.dot(blk_t, dpiece))
                 else:
                     blk = cols[k][: m * mp]
                     self._patches(xp, a, b, blk, False, pool, sources)
