@@ -14,6 +14,12 @@ same process with ``torch.set_num_threads`` matching, in both channels-last and
 NCHW memory formats; ratios galpipe/PyTorch are reported against the *faster*
 PyTorch variant.
 
+It also prints a *GEMM floor*: the network's matrix products alone (forward
+patches x kernels, weight and input gradients), each timed as cache-sized
+single-threaded ``np.dot`` pieces, i.e. the least time an im2col + BLAS
+implementation spends before any copying, pooling or optimizer work; and how
+much time galpipe spends beyond it, against the whole of PyTorch's step.
+
 ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` (set by some environments, they
 halve OpenBLAS matmul speed) are removed before NumPy is imported: the script
 re-executes itself without them and says so.
@@ -76,6 +82,81 @@ def time_calls(fn: Callable[[], object], calls: int) -> tuple[float, float]:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls
+
+
+def gemm_shapes(batch: int) -> dict[str, list[tuple[str, int, int, int]]]:
+    """The matrix products an im2col implementation of the network must do.
+
+    Each is ``(kind, M, K, N)``: ``"rows"`` is ``(M, K) @ (K, N)`` with ``M`` the long
+    dimension (forward patches times kernel; input gradients as the correlation of
+    the output gradient with the flipped kernel, ``(N*H*W, kh*kw*F) @ (kh*kw*F, C)``),
+    ``"reduce"`` is ``(K, M) @ (M, N)`` summed over the long ``M`` (weight
+    gradients).  ``forward`` lists one per convolution (with the bias row) and dense
+    layer; ``backward`` the weight gradients of every layer and the input gradients
+    of every layer but the first.
+    """
+    model = build_model(SPEC, INPUT_SHAPE, seed=0)
+    fwd: list[tuple[str, int, int, int]] = []
+    bwd: list[tuple[str, int, int, int]] = []
+    shape = INPUT_SHAPE
+    first = True
+    for layer in model.layers:
+        out = layer.output_shape
+        if layer.type_name == "conv2d":
+            (h, w, c), (ho, wo, f) = shape, out
+            kh, kw = layer.kernel_size
+            m, k = batch * ho * wo, kh * kw * c + 1
+            fwd.append(("rows", m, k, f))
+            bwd.append(("reduce", m, k, f))
+            if not first:
+                bwd.append(("rows", batch * h * w, kh * kw * f, c))
+            first = False
+        elif layer.type_name == "dense":
+            (k,), (f,) = shape, out
+            fwd.append(("rows", batch, k + 1, f))
+            bwd.append(("reduce", batch, k + 1, f))
+            if not first:
+                bwd.append(("rows", batch, f, k))
+            first = False
+        shape = out
+    return {"forward": fwd, "backward": bwd}
+
+
+def gemm_floor_seconds(batch: int, reps: int) -> tuple[float, float]:
+    """(training, inference) seconds per step of the network's GEMMs alone, 1 thread.
+
+    Every product is timed as C-contiguous float32 ``np.dot`` calls over pieces of
+    its long dimension (the whole batch, or 1k-16k rows: cache-sized pieces are
+    faster), keeping the fastest piece size; median of ``reps``.  No im2col,
+    pooling, activation, loss or optimizer work is included, so this estimates the
+    least time any NumPy/BLAS im2col implementation of the network needs here.
+    """
+    rng = np.random.default_rng(1)
+    shapes = gemm_shapes(batch)
+    per: dict[tuple[str, int, int, int], float] = {}
+    with threadpool_limits(limits=1):
+        for kind, m, k, n in {s for v in shapes.values() for s in v}:
+            best = float("inf")
+            for rows in sorted({m, *(r for r in (1024, 2048, 4096, 8192, 16384) if r < m)}):
+                count = -(-m // rows)
+                if kind == "rows":
+                    a = rng.standard_normal((rows, k), dtype=np.float32)
+                    b = rng.standard_normal((k, n), dtype=np.float32)
+                else:
+                    a = rng.standard_normal((k, rows), dtype=np.float32)
+                    b = rng.standard_normal((rows, n), dtype=np.float32)
+                out = np.empty((a.shape[0], n), dtype=np.float32)
+                np.dot(a, b, out=out)
+                samples = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    np.dot(a, b, out=out)
+                    samples.append(time.perf_counter() - t0)
+                best = min(best, statistics.median(samples) * m / rows if count > 1 else
+                           statistics.median(samples))
+            per[(kind, m, k, n)] = best
+    infer = sum(per[s] for s in shapes["forward"])
+    return infer + sum(per[s] for s in shapes["backward"]), infer
 
 
 def galpipe_impl(
@@ -263,6 +344,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ratio galpipe/PyTorch ({n} thread(s), vs the faster PyTorch layout): "
                   f"training {best_train / g['train']:.2f}x, "
                   f"inference {best_infer / g['infer']:.2f}x (wall clock, higher is better)")
+    floor_train, floor_infer = gemm_floor_seconds(b, max(args.reps, 5))
+    print()
+    print(f"GEMM floor (1 thread; the network's matrix products alone, cache-sized np.dot pieces, "
+          f"no im2col/pooling/optimizer): training {1e3 * floor_train:.1f} ms/step, inference "
+          f"{1e3 * floor_infer:.1f} ms/batch")
+    if 1 in results:
+        g1 = results[1]["galpipe"]
+        line = (f"galpipe, 1 thread: {1e3 * (g1['train'] - floor_train):.1f} ms/step and "
+                f"{1e3 * (g1['infer'] - floor_infer):.1f} ms/batch beyond the GEMM floor")
+        if torch is not None:
+            res = results[1]
+            best_train = min(res["torch NHWC"]["train"], res["torch NCHW"]["train"])
+            best_infer = min(res["torch NHWC"]["infer"], res["torch NCHW"]["infer"])
+            line += (f"; PyTorch's whole step takes {1e3 * best_train:.1f} ms "
+                     f"({1e3 * best_infer:.1f} ms inference), so parity leaves "
+                     f"{1e3 * (best_train - floor_train):.1f} ms ({1e3 * (best_infer - floor_infer):.1f} ms) "
+                     f"for all im2col, pooling, activation, loss and optimizer work")
+        print(line)
     print(f"peak RSS: galpipe alone {rss_galpipe:.0f} MiB; whole process at the end "
           f"{peak_rss_mib():.0f} MiB")
     return 0
