@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default=None, help="config whose source fetches cutouts for a catalogue input")
     sp.add_argument("--crop-fraction", type=float, default=None)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--cache-dir", default="resources/cutouts",
+    sp.add_argument("--cache-dir", default="resources/cutouts",  # galpipe.stages.CUTOUT_CACHE_ROOT
                     help="where a catalogue input's cutouts are cached (default: the pipeline's cache, "
                          "relative to the current directory)")
     sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs", config=False)

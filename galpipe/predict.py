@@ -27,6 +27,7 @@ from galpipe.catalogue import write_arrow, write_table
 from galpipe.errors import ConfigError, DataError
 from galpipe.normalise import image_column, normalise_array
 from galpipe.sources.images import IMAGE_SUFFIXES, load_image, read_labels
+from galpipe.stages import CUTOUT_CACHE_ROOT
 
 log = logging.getLogger("galpipe")
 PathLike = str | os.PathLike[str]
@@ -60,7 +61,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path,
-                       cache_root: PathLike = "resources/cutouts") -> list[str]:
+                       cache_root: PathLike = CUTOUT_CACHE_ROOT) -> list[str]:
     """Fetch the cutouts of a catalogue through the configured source; return their paths.
 
     Cutouts are cached under ``cache_root/<source>-<settings hash>`` (the pipeline's
@@ -91,7 +92,7 @@ def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path,
 
 def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *, tta: bool = False,
                   mc_dropout: int = 0, config: PathLike | None = None, crop_fraction: float | None = None,
-                  seed: int = 0, cache_dir: PathLike = "resources/cutouts") -> pd.DataFrame:
+                  seed: int = 0, cache_dir: PathLike = CUTOUT_CACHE_ROOT) -> pd.DataFrame:
     """Classify a file, a folder or a catalogue and write probabilities to CSV or Parquet.
 
     A catalogue's cutouts are fetched through ``config``'s source into

@@ -61,7 +61,11 @@ def experiment_params(cfg: Mapping[str, Any], experiment: Mapping[str, Any]) -> 
     return {**experiment, "seed": cfg["seed"], "preprocess": stage_config(cfg, "preprocess")}
 
 
-def cutout_cache_dir(cfg: Mapping[str, Any], root: PathLike = "resources/cutouts") -> str:
+#: Root of the per-galaxy cutout cache, relative to the working directory.
+CUTOUT_CACHE_ROOT = "resources/cutouts"
+
+
+def cutout_cache_dir(cfg: Mapping[str, Any], root: PathLike = CUTOUT_CACHE_ROOT) -> str:
     """Folder holding the per-galaxy cutout FITS files for this configuration.
 
     Keyed by a hash of everything that determines the pixels, so a rerun with

@@ -318,7 +318,8 @@ class Conv2D(Layer):
 
     def _pieces(self, n: int, width: int, itemsize: int, budget: int | None = None
                 ) -> tuple[list[tuple[int, int]], int]:
-        """Split the batch into pieces whose im2col scratch is about :data:`PIECE_BYTES`.
+        """Split the batch into pieces of about ``budget`` bytes (default :data:`PIECE_BYTES`)
+        at ``width`` values per output pixel.
 
         Returns ``(bounds, size)``: ``(a, b)`` sample ranges (sizes differ by at most
         one; an even number of pieces, so that two workers get equal shares) and the
