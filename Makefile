@@ -24,7 +24,8 @@ run: $(STAMP)
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report results/report.html
 
-test: $(STAMP)
+# CI (.ci/run) is `make test`: lint errors (ruff, snakemake --lint) fail it before pytest runs.
+test: lint
 	bash scripts/test-services.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" GALPIPE_REQUIRE_SLURM=$${CI:+1} $(BIN)/python -m pytest -q tests
 

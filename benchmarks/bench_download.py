@@ -1,7 +1,7 @@
 """Speed-up of the SDSS downloader from concurrency, against the stand-in SkyServer.
 
-A :class:`galpipe.sources.fakeserver.FakeSkyServer` runs in a separate process
-(``python -m galpipe.sources.fakeserver``, so its threads do not compete with
+A :class:`galpipe.testing.fakeserver.FakeSkyServer` runs in a separate process
+(``python -m galpipe.testing.fakeserver``, so its threads do not compete with
 the client for the GIL) with ``--latency`` seconds (default 0.05) added to every
 request.  After a warm-up pass (the server renders and caches every JPEG and
 frame), :func:`galpipe.sources.sdss_cutouts.fetch_cutouts` runs with
@@ -43,8 +43,8 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from galpipe.sources.fakeserver import make_sky  # noqa: E402
 from galpipe.sources.sdss_cutouts import fetch_cutouts  # noqa: E402
+from galpipe.testing.fakeserver import make_sky  # noqa: E402
 
 FRAME_SHAPE = (372, 512)
 COLUMNS = ["objid", "ra", "dec", "run", "rerun", "camcol", "field", "petroR90_r"]
@@ -59,8 +59,8 @@ def _run(cat, provider: str, concurrency: int, base: str, work: Path, tag: str) 
         "download": {"concurrency": concurrency, "requests_per_second": 0.0, "timeout_s": 30.0},
     }
     t0 = time.perf_counter()
-    man = fetch_cutouts(cat, work / f"out-{tag}", bands=bands, size=48, params=params,
-                        cache_dir=work / f"cache-{tag}")
+    man = fetch_cutouts(cat, work / f"out-{tag}", bands=bands, size=48, sdss=params,
+                        frame_cache_dir=work / f"cache-{tag}")
     elapsed = time.perf_counter() - t0
     if not (man["status"] == "ok").all():
         raise SystemExit(f"{provider}: {int((man['status'] != 'ok').sum())} galaxies failed")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: removed {os.environ[_MARK]} from the environment before importing numpy")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "galpipe.sources.fakeserver", "--port", "0", "--galaxies",
+        [sys.executable, "-m", "galpipe.testing.fakeserver", "--port", "0", "--galaxies",
          str(args.galaxies), "--latency", str(args.latency), "--frame-shape",
          f"{FRAME_SHAPE[0]},{FRAME_SHAPE[1]}", "--seed", "0"],
         stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,

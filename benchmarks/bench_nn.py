@@ -31,14 +31,10 @@ Usage: ``python benchmarks/bench_nn.py [--reps 7] [--steps 10] [--threads 1,2]
 from __future__ import annotations
 
 import os
-import sys
 
-_BAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-_MARK = "_GALPIPE_BENCH_UNSET_ENV"
-if any(k in os.environ for k in _BAD_ENV):
-    removed = [f"{k}={os.environ.pop(k)}" for k in _BAD_ENV if k in os.environ]
-    os.environ[_MARK] = " ".join(removed)
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from _benchenv import environment_note, reexec_without_openblas_overrides
+
+reexec_without_openblas_overrides()
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
@@ -164,14 +160,14 @@ def galpipe_impl(
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[int], None]]:
     """(train_step, infer, profile) closures for galpipe."""
     model = build_model(SPEC, INPUT_SHAPE, seed=0)
-    opt = Adam(model.parameters(), lr=1e-3)
+    opt = Adam(model.params, lr=1e-3)
     loss = SoftmaxCrossEntropy()
 
     def train_step() -> None:
         logits = model.forward(x, training=True)
         loss.forward(logits, y)
         model.backward(loss.backward(), input_grad=False)
-        opt.step(model.gradients())
+        opt.step(model.grads)
 
     def infer() -> None:
         model.forward(x, training=False)
@@ -218,7 +214,7 @@ def torch_impl(
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """(train_step, infer) closures for the same network in PyTorch (weights checked)."""
     ref = build_model(SPEC, INPUT_SHAPE, seed=0)
-    net = torch_net(torch, ref.parameters())
+    net = torch_net(torch, ref.params)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view of the NHWC memory
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -256,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
 
-    if os.environ.get(_MARK):
-        print(f"environment: unset {os.environ[_MARK]} before importing numpy (re-executed)")
+    if environment_note():
+        print(environment_note())
     else:
         print("environment: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE were not set")
     print(f"python {platform.python_version()}, numpy {np.__version__}, "

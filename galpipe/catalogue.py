@@ -1,4 +1,4 @@
-"""The galaxy catalogue: common columns, Parquet I/O with provenance, sharding.
+"""The galaxy catalogue contract: common columns, checks, provenance, sharding.
 
 Every source produces a catalogue with at least ``objid`` (int64, unique),
 ``ra``, ``dec`` (float64, degrees) and ``label`` (class name, string), plus
@@ -7,7 +7,6 @@ source-specific columns (photometry, truth parameters, image paths).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from galpipe.errors import DataError
-from galpipe.io import atomic_path, safe_filename
+from galpipe.io.atomic import safe_filename
+from galpipe.io.parquet import write_table
 
 REQUIRED_COLUMNS = ("objid", "ra", "dec", "label")
 PROVENANCE_KEY = b"galpipe.provenance"
@@ -34,7 +33,7 @@ def check_catalogue(
     ------
     DataError
         Missing columns, an empty table, non-integer or duplicate ids, missing labels,
-        labels that are not safe file names (see :func:`galpipe.io.safe_filename`).
+        labels that are not safe file names (see :func:`galpipe.io.atomic.safe_filename`).
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -58,38 +57,6 @@ def check_catalogue(
         except DataError as exc:
             first = int(out.loc[out["label"] == label, "objid"].iloc[0])
             raise DataError(f"{where}: objid {first}: {exc}") from exc
-    return out
-
-
-def write_table(df: pd.DataFrame, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
-                *, row_group_size: int | None = None) -> Path:
-    """Write ``df`` to Parquet atomically, with JSON values under ``galpipe.*`` metadata keys."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    return write_arrow(table, path, metadata, row_group_size=row_group_size)
-
-
-def write_arrow(table: pa.Table, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
-                *, row_group_size: int | None = None) -> Path:
-    """Write an Arrow table atomically; ``metadata`` values are stored as JSON."""
-    meta = dict(table.schema.metadata or {})
-    for k, v in (metadata or {}).items():
-        meta[f"galpipe.{k}".encode()] = json.dumps(v, sort_keys=True, default=str).encode()
-    table = table.replace_schema_metadata(meta)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-    return Path(path)
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``galpipe.*`` schema metadata of a Parquet file, JSON-decoded, prefix removed."""
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
-    out: dict[str, Any] = {}
-    for k, v in (schema.metadata or {}).items():
-        if k.startswith(b"galpipe."):
-            out[k[len(b"galpipe."):].decode()] = json.loads(v)
     return out
 
 

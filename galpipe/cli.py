@@ -15,8 +15,7 @@ from pathlib import Path
 
 from galpipe import __version__
 from galpipe.errors import GalpipeError
-
-REPO_PRESETS = Path(__file__).resolve().parents[1] / "config" / "architectures"
+from galpipe.stages import CUTOUT_CACHE_ROOT, PATHS
 
 
 def _load(args: argparse.Namespace) -> dict:
@@ -25,13 +24,21 @@ def _load(args: argparse.Namespace) -> dict:
     return load_config(args.config)
 
 
-def _presets(args: argparse.Namespace) -> list[Path]:
-    return [Path(args.config).resolve().parent / "architectures", REPO_PRESETS]
+def _settings(args: argparse.Namespace):  # -> galpipe.settings.Config
+    from galpipe.settings import Config
+
+    return Config.from_dict(_load(args))
+
+
+def _presets(args: argparse.Namespace) -> list:
+    from galpipe.config import preset_search_path
+
+    return preset_search_path(args.config)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from galpipe.config import resolve_experiments
-    from galpipe.experiment import check_architectures
+    from galpipe.stages.train import check_architectures
 
     cfg = _load(args)
     exps = resolve_experiments(cfg, _presets(args))
@@ -41,72 +48,84 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_catalogue(args: argparse.Namespace) -> int:
-    from galpipe.stages import catalogue_stage, stage_config
+    from galpipe.stages import shard_paths, stage_params
+    from galpipe.stages.catalogue import run
 
-    cfg = _load(args)
-    shard_dir = Path(args.shard_dir)
-    shards = [shard_dir / f"{i:04d}.parquet" for i in range(cfg["shards"])]
-    n = catalogue_stage(stage_config(cfg, "catalogue"), args.output, shards)
-    print(f"{n} galaxies -> {args.output} ({len(shards)} shards in {shard_dir})")
+    cfg = _settings(args)
+    shards = shard_paths("shard", cfg.shards, args.shard_dir)
+    n = run(stage_params(cfg, "catalogue"), args.output, shards)
+    print(f"{n} galaxies -> {args.output} ({len(shards)} shards in {args.shard_dir})")
     return 0
 
 
 def cmd_cutouts(args: argparse.Namespace) -> int:
-    from galpipe.stages import cutout_cache_dir, cutouts_stage, stage_config
+    from galpipe.stages import cutout_cache_dir, stage_params
+    from galpipe.stages.cutouts import run
 
-    cfg = _load(args)
-    m = cutouts_stage(stage_config(cfg, "cutouts"), args.shard, args.output, cutout_cache_dir(cfg), progress=True)
+    cfg = _settings(args)
+    m = run(stage_params(cfg, "cutouts"), args.shard, args.output, cutout_cache_dir(cfg), progress=True)
     print(f"{int((m['status'] == 'ok').sum())} cutouts ok, {int((m['status'] != 'ok').sum())} failed -> {args.output}")
     return 0
 
 
 def cmd_normalise(args: argparse.Namespace) -> int:
-    from galpipe.stages import normalise_stage, stage_config
+    from galpipe.stages import stage_params
+    from galpipe.stages.normalise import run
 
-    cfg = _load(args)
-    stats = normalise_stage(stage_config(cfg, "normalise"), args.manifest, args.shard, args.output, args.rejects)
+    stats = run(stage_params(_settings(args), "normalise"), args.manifest, args.shard, args.output, args.rejects)
     print(json.dumps(stats))
     return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from galpipe.stages import split_stage, stage_config
+    from galpipe.stages import PATHS, split_paths, stage_params
+    from galpipe.stages.split import run
 
-    cfg = _load(args)
     out = Path(args.output_dir)
-    outputs = {s: out / f"{s}.parquet" for s in ("train", "validation", "test")}
-    summary = split_stage(stage_config(cfg, "split"), args.inputs, outputs, out / "summary.json")
+    summary = run(stage_params(_settings(args), "split"), args.inputs, split_paths(out),
+                  out / Path(PATHS["split_summary"]).name)
     print(json.dumps(summary["counts"]))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from galpipe.config import resolve_experiments
-    from galpipe.experiment import train_experiment
     from galpipe.stages import experiment_params
+    from galpipe.stages.train import run as train_experiment
 
     cfg = _load(args)
     exps = resolve_experiments(cfg, _presets(args))
     if args.experiment not in exps:
         raise GalpipeError(f"experiment {args.experiment!r} not in the config; choose from {sorted(exps)}")
-    exp = experiment_params(cfg, exps[args.experiment])
+    exp = experiment_params(_settings(args), exps[args.experiment])
     info = train_experiment(exp, args.train, args.validation, Path(args.output_dir) / "model.json",
                             name=args.experiment)
     print(json.dumps(info))
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from galpipe.experiment import evaluate_experiment
-    from galpipe.predict import evaluate_external
+def _evaluate_params(args: argparse.Namespace) -> dict:
+    """The evaluate stage's params: the schema's defaults, overridden by the options given."""
+    from galpipe.config import load_settings
+    from galpipe.stages import stage_params
 
-    params = {"evaluate": {"tta": not args.no_tta, "mc_dropout": args.mc_dropout,
-                           "n_bootstrap": args.n_bootstrap, "gallery_size": 8}, "seed": args.seed}
+    given = {"tta": False if args.no_tta else None, "mc_dropout": args.mc_dropout, "n_bootstrap": args.n_bootstrap}
+    top = {"seed": args.seed} if args.seed is not None else {}
+    cfg = load_settings({"evaluate": {k: v for k, v in given.items() if v is not None}, **top})
+    return stage_params(cfg, "evaluate")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from galpipe.predict import evaluate_external
+    from galpipe.stages import PATHS
+    from galpipe.stages.evaluate import run as evaluate_experiment
+
+    params = _evaluate_params(args)
     out = Path(args.output_dir)
-    model_json = Path(args.model) / "model.json"
+    model_json = Path(args.model) / Path(PATHS["model"]).name
     if args.test:
-        res = evaluate_experiment(params, model_json, args.test, out / "metrics.json",
-                                  out / "predictions.parquet", out / "figures")
+        res = evaluate_experiment(params, model_json, args.test, out / Path(PATHS["metrics"]).name,
+                                  out / Path(PATHS["predictions"]).name, out / Path(PATHS["figures"]).name)
     elif args.images and args.labels:
         res = evaluate_external(params, args.model, args.images, args.labels, out, id_column=args.id_column,
                                 label_column=args.label_column, path_column=args.path_column,
@@ -148,7 +167,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_fake_skyserver(argv: list[str]) -> int:
-    from galpipe.sources.fakeserver import main as fake_main
+    from galpipe.testing.fakeserver import main as fake_main
 
     return int(fake_main(argv) or 0)
 
@@ -167,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate-config", cmd_validate, "validate a config file and every experiment's architecture")
     sp = add("catalogue", cmd_catalogue, "build the catalogue of the configured source and its shards")
-    sp.add_argument("--output", default="results/catalogue/catalogue.parquet")
-    sp.add_argument("--shard-dir", default="results/catalogue/shards")
+    sp.add_argument("--output", default=PATHS["catalogue"], help="catalogue Parquet (default: %(default)s)")
+    sp.add_argument("--shard-dir", default=str(Path(PATHS["shard"]).parent),
+                    help="folder of the shard files (default: %(default)s)")
     sp = add("cutouts", cmd_cutouts, "make/fetch the FITS cutouts of one catalogue shard")
     sp.add_argument("--shard", required=True)
     sp.add_argument("--output", required=True, help="manifest Parquet")
@@ -176,12 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     for a in ("--manifest", "--shard", "--output", "--rejects"):
         sp.add_argument(a, required=True)
     sp = add("split", cmd_split, "split normalised shards into train/validation/test Parquet")
-    sp.add_argument("--output-dir", default="results/split")
+    sp.add_argument("--output-dir", default=str(Path(PATHS["split_summary"]).parent),
+                    help="folder of the split files (default: %(default)s)")
     sp.add_argument("inputs", nargs="+")
     sp = add("train", cmd_train, "train one experiment of the config")
     sp.add_argument("--experiment", required=True)
-    sp.add_argument("--train", default="results/split/train.parquet")
-    sp.add_argument("--validation", default="results/split/validation.parquet")
+    sp.add_argument("--train", default=PATHS["split"].format(split="train"), help="default: %(default)s")
+    sp.add_argument("--validation", default=PATHS["split"].format(split="validation"), help="default: %(default)s")
     sp.add_argument("--output-dir", required=True)
     sp = add("evaluate", cmd_evaluate, "score a trained model on a test split or an external labelled image set",
              config=False)
@@ -195,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label-map", nargs="*", metavar="RAW=CLASS")
     sp.add_argument("--crop-fraction", type=float, default=None)
     sp.add_argument("--output-dir", required=True)
-    sp.add_argument("--no-tta", action="store_true")
-    sp.add_argument("--mc-dropout", type=int, default=0)
-    sp.add_argument("--n-bootstrap", type=int, default=1000)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-tta", action="store_true", help="skip the test-time-augmentation evaluation")
+    sp.add_argument("--mc-dropout", type=int, default=None,
+                    help="Monte Carlo dropout passes (default: the config schema's evaluate.mc_dropout)")
+    sp.add_argument("--n-bootstrap", type=int, default=None,
+                    help="bootstrap resamples (default: the config schema's evaluate.n_bootstrap)")
+    sp.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the config schema's seed)")
     sp = add("predict", cmd_predict, "classify a FITS/JPEG file, a folder of them, or a catalogue", config=False)
     sp.add_argument("--model", required=True)
     sp.add_argument("input")
@@ -208,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default=None, help="config whose source fetches cutouts for a catalogue input")
     sp.add_argument("--crop-fraction", type=float, default=None)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--cache-dir", default="resources/cutouts",  # galpipe.stages.CUTOUT_CACHE_ROOT
+    sp.add_argument("--cache-dir", default=CUTOUT_CACHE_ROOT,
                     help="where a catalogue input's cutouts are cached (default: the pipeline's cache, "
                          "relative to the current directory)")
     sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs", config=False)

@@ -1,8 +1,10 @@
 """Load, validate and complete galpipe configurations.
 
-The JSON schema lives in ``workflow/schemas/config.schema.yaml`` (shipped in the
-package as ``galpipe/schemas``); the ``sdss:`` section has its own fragment,
-``sdss.schema.yaml``, merged in at load time.  Validation fills every default
+The JSON schema is package data, ``galpipe/schemas/config.schema.yaml``
+(``workflow/schemas/`` in a checkout links to it); the ``sdss:`` section has its
+own fragment, ``sdss.schema.yaml``, merged in at load time.  The built-in
+architecture presets are package data too (``galpipe/architectures/``, linked
+from ``config/architectures/``).  Validation fills every default
 and fails with :class:`~galpipe.errors.ConfigError` naming the offending key
 before any job runs.
 """
@@ -13,9 +15,10 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +26,15 @@ import jsonschema
 import yaml
 
 from galpipe.errors import ConfigError
-
-_SCHEMA_PACKAGE = "galpipe.schemas"
+from galpipe.settings import Config
 
 
 def _schema_text(name: str) -> str | None:
-    here = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / name
-    if here.is_file():  # source checkout: the workflow's copy is the one true schema
-        return here.read_text(encoding="utf-8")
+    # Package data (galpipe/schemas/NAME), the one copy: a checkout, an editable install and a
+    # wheel all read the same file (workflow/schemas/NAME is a symlink to it).
     try:
-        return resources.files(_SCHEMA_PACKAGE).joinpath(name).read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError):
+        return (resources.files("galpipe") / "schemas" / name).read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
 
 
@@ -129,8 +130,22 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     errors = list(validator.iter_errors(full))
     if errors:  # a default inconsistent with a user value (should not happen)
         raise ConfigError(_format_error(jsonschema.exceptions.best_match(errors)))
-    _semantic_checks(full)
+    cross_field_checks(full)
     return full
+
+
+def load_settings(config: Mapping[str, Any]) -> Config:
+    """Validate ``config`` (filling every default) and build the typed, frozen :class:`~galpipe.settings.Config`."""
+    return Config.from_dict(validate_config(config))
+
+
+def build_section(name: str, values: Mapping[str, Any] | None = None, **top_level: Any) -> Any:
+    """Section ``name`` of a config that sets only ``values`` (and ``top_level`` keys), defaults filled.
+
+    For library use and tests: ``build_section("simulated", {"n_galaxies": 50})``
+    is exactly what the pipeline would pass, validated by the same schema.
+    """
+    return getattr(load_settings({name: dict(values or {}), **top_level}), name)
 
 
 def _check_plain(value: Any, path: list[Any]) -> None:
@@ -155,7 +170,17 @@ def _check_plain(value: Any, path: list[Any]) -> None:
         )
 
 
-def _semantic_checks(cfg: Mapping[str, Any]) -> None:
+def cross_field_checks(cfg: Mapping[str, Any]) -> None:
+    """The checks that involve several keys at once (the schema checks each key alone).
+
+    This is the one place for them: sources and stages receive validated
+    :mod:`galpipe.settings` objects and do not re-check.
+    """
+    from galpipe.sources import source_names
+
+    if cfg["source"] not in source_names():
+        raise ConfigError(f"config key 'source': unknown source {cfg['source']!r}; "
+                          f"available: {', '.join(source_names())}")
     fr = cfg["split"]["fractions"]
     total = fr["train"] + fr["validation"] + fr["test"]
     if not math.isclose(total, 1.0, abs_tol=1e-6):
@@ -175,10 +200,97 @@ def _semantic_checks(cfg: Mapping[str, Any]) -> None:
     clo, chi = cfg["normalise"]["clip"]
     if not clo < chi:
         raise ConfigError(f"config key 'normalise.clip': [{clo}, {chi}] must be increasing")
-    if cfg["source"] == "images":
-        for key in ("directory", "labels_csv"):
-            if not cfg["images"][key]:
-                raise ConfigError(f"config key 'images.{key}': required when source is 'images'")
+    _sdss_checks(cfg["sdss"])
+    source_check = _SOURCE_CHECKS.get(cfg["source"])
+    if source_check is not None:
+        source_check(cfg)
+
+
+#: SDSS imaging bands (what the simulated survey renders and the SAS serves frames of).
+_SDSS_BANDS = ("u", "g", "r", "i", "z")
+#: Bands of the SkyServer colour JPEGs (``sdss.cutouts.provider: skyserver-jpeg``).
+_JPEG_BANDS = ("red", "green", "blue")
+
+
+def _sdss_checks(sdss: Mapping[str, Any]) -> None:
+    """Cross-field checks of the ``sdss:`` section (run whatever the source, like the schema's)."""
+    sel = sdss["selection"]
+    for lo, hi in (("dec_min", "dec_max"), ("petro_mag_r_min", "petro_mag_r_max"),
+                   ("petro_r90_r_min", "petro_r90_r_max")):
+        if sel[lo] > sel[hi]:
+            raise ConfigError(f"config key 'sdss.selection.{lo}': {sel[lo]} is larger than "
+                              f"sdss.selection.{hi} ({sel[hi]})")
+    labels = sdss["labels"]
+    if labels["scheme"] == "gz1_fractions":
+        _gz1_fraction_checks(labels["fractions"])
+    if labels["classes"] is None:
+        return
+    if labels["scheme"] == "gz1_fractions":
+        known: list[str] = list(labels["fractions"])
+    else:
+        from galpipe.sources.sdss import SCHEME_CLASSES
+
+        known = list(SCHEME_CLASSES[labels["scheme"]])
+    seen: set[str] = set()
+    for cls in labels["classes"]:
+        if cls not in known:
+            raise ConfigError(f"config key 'sdss.labels.classes': {cls!r} is not a class of scheme "
+                              f"{labels['scheme']!r}; expected some of {known}")
+        if cls in seen:
+            raise ConfigError(f"config key 'sdss.labels.classes': {cls!r} is listed twice")
+        seen.add(cls)
+
+
+def _gz1_fraction_checks(fractions: Mapping[str, Any] | None) -> None:
+    """``sdss.labels.fractions`` (scheme ``gz1_fractions``): present, min <= max, a real cut per class."""
+    if not fractions:
+        raise ConfigError("config key 'sdss.labels.fractions': the gz1_fractions scheme needs at least one class "
+                          "with {vote column: threshold}")
+    for cls, conds in fractions.items():
+        real_cut = False
+        for col, spec in conds.items():
+            lo, hi = (spec.get("min", 0.0), spec.get("max", 1.0)) if isinstance(spec, Mapping) else (spec, 1.0)
+            if lo > hi:
+                raise ConfigError(f"config key 'sdss.labels.fractions.{cls}.{col}': min {lo} is larger than max {hi}")
+            real_cut = real_cut or lo > 0.0 or hi < 1.0
+        if not real_cut:
+            raise ConfigError(f"config key 'sdss.labels.fractions.{cls}': the thresholds select everything "
+                              "(min 0 and max 1); give at least one real cut")
+
+
+def _sdss_source_checks(cfg: Mapping[str, Any]) -> None:
+    """``source: sdss``: the bands must be those of the cutout provider."""
+    provider = cfg["sdss"]["cutouts"]["provider"]
+    bands = list(cfg["bands"])
+    if provider == "skyserver-jpeg" and bands != list(_JPEG_BANDS):
+        raise ConfigError(f"config key 'bands': the skyserver-jpeg provider (sdss.cutouts.provider) writes bands "
+                          f"{list(_JPEG_BANDS)}; set bands to that list (got {bands})")
+    if provider == "sdss-frames" and not set(bands) <= set(_SDSS_BANDS):
+        raise ConfigError(f"config key 'bands': the sdss-frames provider (sdss.cutouts.provider) needs SDSS bands "
+                          f"from {list(_SDSS_BANDS)} (got {bands})")
+
+
+def _simulated_source_checks(cfg: Mapping[str, Any]) -> None:
+    """``source: simulated``: the survey renders SDSS bands only."""
+    bands = list(cfg["bands"])
+    if not set(bands) <= set(_SDSS_BANDS):
+        raise ConfigError(f"config key 'bands': the simulated source renders SDSS bands from {list(_SDSS_BANDS)} "
+                          f"(got {bands})")
+
+
+def _images_source_checks(cfg: Mapping[str, Any]) -> None:
+    """``source: images``: the folder and the labels CSV must be given."""
+    for key in ("directory", "labels_csv"):
+        if not cfg["images"][key]:
+            raise ConfigError(f"config key 'images.{key}': required when source is 'images'")
+
+
+#: Checks that apply only when a given source is configured.
+_SOURCE_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "simulated": _simulated_source_checks,
+    "images": _images_source_checks,
+    "sdss": _sdss_source_checks,
+}
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -213,23 +325,50 @@ def fingerprint(*parts: Any, length: int = 12) -> str:
 
 
 # --------------------------------------------------------------------------- experiments
-def load_preset(name: str, preset_dirs: Iterable[str | Path]) -> dict[str, Any]:
+def builtin_presets() -> Traversable:
+    """The architecture presets shipped with galpipe (package data ``galpipe/architectures``).
+
+    Found through :mod:`importlib.resources`, so in a checkout, an editable install and an
+    installed wheel alike; a checkout's ``config/architectures`` is a symlink to this folder.
+    """
+    return resources.files("galpipe") / "architectures"
+
+
+def preset_search_path(config_path: str | Path | None = None) -> list[Path | Traversable]:
+    """Where architecture presets are looked up, first match wins.
+
+    The ``architectures/`` folder next to the config file ``config_path`` (when given), then
+    the built-in presets (:func:`builtin_presets`).
+    """
+    dirs: list[Path | Traversable] = []
+    if config_path is not None:
+        dirs.append(Path(config_path).resolve().parent / "architectures")
+    dirs.append(builtin_presets())
+    return dirs
+
+
+def load_preset(name: str, preset_dirs: Iterable[str | Path | Traversable]) -> dict[str, Any]:
     """Read architecture preset ``name`` (``NAME.yaml``) from the first dir that has it.
+
+    ``preset_dirs`` are paths or :mod:`importlib.resources` traversables (such as
+    :func:`builtin_presets`); see :func:`preset_search_path`.
 
     Returns
     -------
     dict
         ``{"description": str, "architecture": list}``.
     """
-    dirs = [Path(d) for d in preset_dirs]
+    dirs = [Path(d) if isinstance(d, str) else d for d in preset_dirs]
     for d in dirs:
-        f = d / f"{name}.yaml"
+        f = d.joinpath(f"{name}.yaml")
         if f.is_file():
             data = yaml.safe_load(f.read_text(encoding="utf-8"))
             if not isinstance(data, Mapping) or not isinstance(data.get("architecture"), list):
                 raise ConfigError(f"architecture preset {f}: expected a mapping with an 'architecture' list")
             return {"description": str(data.get("description", "")), "architecture": data["architecture"]}
-    available = sorted({f.stem for d in dirs if d.is_dir() for f in d.glob("*.yaml")})
+    available = sorted(
+        {f.name.removesuffix(".yaml") for d in dirs if d.is_dir() for f in d.iterdir() if f.name.endswith(".yaml")}
+    )
     raise ConfigError(
         f"architecture preset {name!r} not found in {[str(d) for d in dirs]}; "
         f"available presets: {', '.join(available) or 'none'}"
@@ -237,7 +376,7 @@ def load_preset(name: str, preset_dirs: Iterable[str | Path]) -> dict[str, Any]:
 
 
 def resolve_experiments(
-    cfg: Mapping[str, Any], preset_dirs: Iterable[str | Path]
+    cfg: Mapping[str, Any], preset_dirs: Iterable[str | Path | Traversable]
 ) -> dict[str, dict[str, Any]]:
     """Per experiment: architecture list, description, inputs and merged training settings."""
     out: dict[str, dict[str, Any]] = {}

@@ -17,8 +17,8 @@ from itertools import pairwise
 import numpy as np
 import pyarrow.parquet as pq
 
-from galpipe.catalogue import read_metadata
 from galpipe.errors import DataError
+from galpipe.io.parquet import read_metadata
 
 PHOTO_BANDS = ("u", "g", "r", "i", "z")
 SHAPE_COLUMNS = ("petroR50_r", "petroR90_r", "fracDeV_r", "deVAB_r", "expAB_r", "petroMag_r")

@@ -1,10 +1,24 @@
-"""Classification metrics with bootstrap confidence intervals (NumPy only).
+"""Classification metrics with bootstrap confidence intervals.
 
 Used by the evaluate stage, ``galpipe evaluate`` and the experiment report.
 Every function returns plain Python objects (``float``, ``int``, ``list``,
 ``dict``, ``None``) so that results can be written with :func:`json.dumps`
 directly; no NumPy scalars and no ``NaN``/``inf`` leak into the output (an
 undefined value is ``None``).
+
+Sources of truth
+----------------
+* Point metrics (accuracy, balanced accuracy, precision/recall/F1, confusion
+  matrix, ROC curve and its area) are computed by :mod:`sklearn.metrics`;
+  this module only validates inputs, fixes the conventions below and turns
+  the results into JSON-ready objects.
+* The reliability diagram / ECE and the bootstrap are written here:
+  scikit-learn has no expected calibration error, and its
+  ``calibration_curve`` bins differently (see :func:`reliability`); the
+  bootstrap evaluates each headline metric on every resample at once from
+  bincounts (see :func:`_boot_chunk`), which calling scikit-learn once per
+  resample would make 100-1000 times slower.  ``tests/test_metrics.py``
+  checks the vectorised statistics against scikit-learn resample by resample.
 
 Conventions
 -----------
@@ -14,20 +28,24 @@ Conventions
   lowest class index) and the confidence is the row maximum.
 * ``0/0`` is defined as ``0.0`` for precision, recall and F1 of a single class
   (a class never predicted has precision 0, a class with no true members has
-  recall 0).  Averages skip classes for which the quantity is undefined:
-  balanced accuracy averages recall over the classes *present in* ``y_true``;
-  macro F1 averages F1 over the classes present in ``y_true`` or ``y_pred``
-  (scikit-learn's default label set); macro AUC averages over the classes
-  whose one-vs-rest AUC is defined (at least one positive and one negative).
+  recall 0; scikit-learn's ``zero_division=0.0``).  Averages skip classes for
+  which the quantity is undefined: balanced accuracy averages recall over the
+  classes *present in* ``y_true``; macro F1 averages F1 over the classes
+  present in ``y_true`` or ``y_pred`` (scikit-learn's default label set);
+  macro AUC averages over the classes whose one-vs-rest AUC is defined (at
+  least one positive and one negative).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
 
 from galpipe.errors import DataError
 
@@ -162,8 +180,18 @@ def _float_or_none(x: float) -> float | None:
 
 
 # --------------------------------------------------------------------------- point metrics
+def _labels_cm(yt: np.ndarray, yp: np.ndarray, k: int) -> np.ndarray:
+    """``sklearn.metrics.confusion_matrix`` over labels ``0..k-1``, int64, shape (K, K).
+
+    scikit-learn refuses empty input; the confusion matrix of no galaxies is all zeros.
+    """
+    if len(yt) == 0:
+        return np.zeros((k, k), dtype=np.int64)
+    return skm.confusion_matrix(yt, yp, labels=np.arange(k)).astype(np.int64)
+
+
 def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
-    """Confusion matrix of integer labels.
+    """Confusion matrix of integer labels (``sklearn.metrics.confusion_matrix``).
 
     Parameters
     ----------
@@ -176,7 +204,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
     -------
     numpy.ndarray of int64, shape (K, K)
         ``cm[i, j]`` = number of galaxies of true class ``i`` predicted as ``j``
-        (rows = true, columns = predicted).
+        (rows = true, columns = predicted); all zeros when ``N == 0``.
 
     Raises
     ------
@@ -187,46 +215,39 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
     yt = _check_labels(y_true, "y_true", k)
     yp = _check_labels(y_pred, "y_pred", k)
     _check_same_length(yt, "y_true", yp, "y_pred")
-    return np.bincount(yt * k + yp, minlength=k * k).reshape(k, k).astype(np.int64)
+    return _labels_cm(yt, yp, k)
 
 
-def _prf_from_cm(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class precision, recall, F1 from a (..., K, K) confusion matrix; 0/0 -> 0."""
-    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
-    pred = cm.sum(axis=-2).astype(np.float64)
-    true = cm.sum(axis=-1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(pred > 0, tp / pred, 0.0)
-        recall = np.where(true > 0, tp / true, 0.0)
-        # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (n_pred + n_true); 0/0 -> 0.
-        denom = pred + true
-        f1 = np.where(denom > 0, 2.0 * tp / denom, 0.0)
-    return precision, recall, f1
+def _point_summary(yt: np.ndarray, yp: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 from scikit-learn; NaN when ``N == 0``.
 
-
-def _summary_from_cm(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, balanced accuracy and macro F1 of a stack of confusion matrices.
-
-    ``cm`` has shape (..., K, K); every output has shape (...).  NaN where the
-    quantity is undefined (empty matrix).
+    Parameters
+    ----------
+    yt, yp : numpy.ndarray of int64, shape (N,)
+        Validated true and predicted class indices.
     """
-    cm = np.asarray(cm, dtype=np.float64)
-    n = cm.sum(axis=(-2, -1))
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    true = cm.sum(axis=-1)
-    pred = cm.sum(axis=-2)
-    _, recall, f1 = _prf_from_cm(cm)
-    present = true > 0
-    used = present | (pred > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accuracy = tp.sum(axis=-1) / n
-        balanced = (recall * present).sum(axis=-1) / present.sum(axis=-1)
-        macro_f1 = (f1 * used).sum(axis=-1) / used.sum(axis=-1)
-    return {"accuracy": accuracy, "balanced_accuracy": balanced, "macro_f1": macro_f1}
+    if len(yt) == 0:
+        return {"accuracy": math.nan, "balanced_accuracy": math.nan, "macro_f1": math.nan}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        # balanced_accuracy_score warns "y_pred contains classes not in y_true" (those
+        # classes have no recall and are left out of the mean, as documented above)
+        # and "A single label was found" (the mean of one recall is what we want).
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"sklearn\.metrics")
+        return {
+            "accuracy": float(skm.accuracy_score(yt, yp)),
+            "balanced_accuracy": float(skm.balanced_accuracy_score(yt, yp)),
+            "macro_f1": float(skm.f1_score(yt, yp, average="macro", zero_division=0.0)),
+        }
 
 
 def classification_metrics(y_true: Any, y_pred: Any, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro F1, per-class scores and confusion matrix.
+
+    All values come from :mod:`sklearn.metrics` (``accuracy_score``,
+    ``balanced_accuracy_score``, ``f1_score(average="macro")``,
+    ``precision_recall_fscore_support`` and ``confusion_matrix``, with
+    ``zero_division=0.0``).
 
     Parameters
     ----------
@@ -251,10 +272,21 @@ def classification_metrics(y_true: Any, y_pred: Any, classes: Sequence[str]) -> 
         Mismatched lengths or labels outside ``0..K-1``.
     """
     names = _check_classes(classes)
-    cm = confusion_matrix(y_true, y_pred, len(names))
-    precision, recall, f1 = _prf_from_cm(cm)
-    summary = _summary_from_cm(cm)
-    support = cm.sum(axis=1)
+    k = len(names)
+    yt = _check_labels(y_true, "y_true", k)
+    yp = _check_labels(y_pred, "y_pred", k)
+    _check_same_length(yt, "y_true", yp, "y_pred")
+    cm = _labels_cm(yt, yp, k)
+    if len(yt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            precision, recall, f1, support = skm.precision_recall_fscore_support(
+                yt, yp, labels=np.arange(k), zero_division=0.0
+            )
+    else:  # scikit-learn refuses empty input; every 0/0 is 0 by convention
+        precision = recall = f1 = np.zeros(k)
+        support = np.zeros(k, dtype=np.int64)
+    summary = _point_summary(yt, yp)
     per_class = {
         name: {
             "precision": float(precision[i]),
@@ -274,46 +306,64 @@ def classification_metrics(y_true: Any, y_pred: Any, classes: Sequence[str]) -> 
     }
 
 
-def _binary_roc(
-    positive: np.ndarray, score: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC points of one binary problem, one point per distinct score.
+def _class_roc(
+    positive: np.ndarray, score: np.ndarray, drop_intermediate: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One-vs-rest ROC curve and AUC of one class, from ``sklearn.metrics.roc_curve``.
 
-    Returns ``(fps, tps, thresholds)`` as cumulative counts at each distinct
-    threshold (descending), preceded by the ``(0, 0)`` point.  Tied scores
-    form a single point, so the trapezoid under the curve counts a tied
-    positive/negative pair as one half (the Mann-Whitney convention).
+    Parameters
+    ----------
+    positive : numpy.ndarray of bool, shape (N,)
+        Membership of the class; must hold at least one ``True`` and one ``False``.
+    score : numpy.ndarray of float, shape (N,)
+        Score of the class (its probability).
+    drop_intermediate : bool
+        Passed to ``roc_curve`` for the returned points.
+
+    Returns
+    -------
+    fpr, tpr, thresholds : numpy.ndarray of float, shape (M,)
+        Curve points from ``(0, 0)``; ``thresholds[0]`` is ``max(score) + 1``
+        instead of scikit-learn's ``inf`` (JSON has no infinity).
+    auc : float
+        ``sklearn.metrics.auc`` (trapezoid) of the full curve, one point per
+        distinct score, which equals ``roc_auc_score``.
     """
-    order = np.argsort(-score, kind="stable")
-    s = score[order]
-    pos = positive[order].astype(np.int64)
-    # last index of each run of equal scores
-    distinct = np.flatnonzero(np.diff(s)) if len(s) > 1 else np.empty(0, dtype=np.int64)
-    ends = np.r_[distinct, len(s) - 1]
-    tps = np.cumsum(pos)[ends]
-    fps = (ends + 1) - tps
-    thresholds = s[ends]
-    top = thresholds[0] + 1.0 if len(thresholds) else 1.0
-    return np.r_[0, fps], np.r_[0, tps], np.r_[top, thresholds]
+    full_fpr, full_tpr, full_thr = skm.roc_curve(positive, score, drop_intermediate=False)
+    auc = float(skm.auc(full_fpr, full_tpr))
+    if drop_intermediate:
+        fpr, tpr, thr = skm.roc_curve(positive, score, drop_intermediate=True)
+    else:
+        fpr, tpr, thr = full_fpr, full_tpr, full_thr
+    thr = np.asarray(thr, dtype=np.float64).copy()
+    thr[0] = thr[1] + 1.0
+    return fpr, tpr, thr, auc
 
 
-def _drop_collinear(fps: np.ndarray, tps: np.ndarray) -> np.ndarray:
-    """Mask keeping the corners of the curve through integer counts ``(fps, tps)``.
-
-    The origin (index 0) and the first and last threshold points are always
-    kept, as in scikit-learn's ``roc_curve(drop_intermediate=True)``.
-    """
-    f, t = fps[1:], tps[1:]
-    if len(f) <= 2:
-        return np.ones(len(fps), dtype=bool)
-    corner = np.logical_or(np.diff(f, 2) != 0, np.diff(t, 2) != 0)
-    return np.r_[True, True, corner, True]
+def _roc_all(
+    y: np.ndarray, p: np.ndarray, names: Sequence[str], drop_intermediate: bool
+) -> dict[str, Any]:
+    """:func:`roc_curves` on validated ``y`` (N,) and ``p`` (N, K)."""
+    per_class: dict[str, dict[str, Any]] = {}
+    aucs: list[float] = []
+    for k, name in enumerate(names):
+        positive = y == k
+        n_pos = int(positive.sum())
+        n_neg = int(len(y) - n_pos)
+        entry: dict[str, Any] = {"fpr": [], "tpr": [], "thresholds": [], "auc": None}
+        if n_pos and n_neg:
+            fpr, tpr, thr, auc = _class_roc(positive, p[:, k], drop_intermediate)
+            entry = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist(), "auc": auc}
+            aucs.append(auc)
+        per_class[name] = {**entry, "n_pos": n_pos, "n_neg": n_neg}
+    macro = float(np.mean(aucs)) if aucs else None
+    return {"per_class": per_class, "macro_auc": macro}
 
 
 def roc_curves(
     y_true: Any, proba: Any, classes: Sequence[str], *, drop_intermediate: bool = True
 ) -> dict[str, Any]:
-    """One-vs-rest ROC curves and AUCs per class.
+    """One-vs-rest ROC curves and AUCs per class (``sklearn.metrics.roc_curve``).
 
     Parameters
     ----------
@@ -332,14 +382,15 @@ def roc_curves(
     -------
     dict
         ``{"per_class": {class: {"fpr", "tpr", "thresholds", "auc", "n_pos",
-        "n_neg"}}, "macro_auc": float | None}``.  Points run from ``(0, 0)``
-        (threshold ``max(score) + 1``, since JSON has no infinity) to
-        ``(1, 1)``; a galaxy is called positive when its score is ``>=`` the
-        threshold, and tied scores form one point, so the AUC (trapezoid on
-        this step curve) equals scikit-learn's ``roc_auc_score``.  A class
-        with no positives (absent from ``y_true``) or no negatives has
-        ``auc = None`` and empty curve lists; ``macro_auc`` is the mean over
-        the classes with a defined AUC (``None`` if there are none).
+        "n_neg"}}, "macro_auc": float | None}``.  Points (lists of M floats)
+        run from ``(0, 0)`` (threshold ``max(score) + 1``, since JSON has no
+        infinity) to ``(1, 1)``; a galaxy is called positive when its score is
+        ``>=`` the threshold, and tied scores form one point, so the AUC
+        (trapezoid on this step curve) equals scikit-learn's
+        ``roc_auc_score``.  A class with no positives (absent from ``y_true``)
+        or no negatives has ``auc = None`` and empty curve lists;
+        ``macro_auc`` is the mean over the classes with a defined AUC
+        (``None`` if there are none).
 
     Raises
     ------
@@ -348,40 +399,7 @@ def roc_curves(
     """
     y, p, names = _check_inputs(y_true, proba, classes)
     assert names is not None
-    per_class: dict[str, dict[str, Any]] = {}
-    aucs: list[float] = []
-    for k, name in enumerate(names):
-        positive = y == k
-        n_pos = int(positive.sum())
-        n_neg = int(len(y) - n_pos)
-        if n_pos == 0 or n_neg == 0:
-            per_class[name] = {
-                "fpr": [],
-                "tpr": [],
-                "thresholds": [],
-                "auc": None,
-                "n_pos": n_pos,
-                "n_neg": n_neg,
-            }
-            continue
-        fps, tps, thr = _binary_roc(positive, p[:, k])
-        fpr = fps / n_neg
-        tpr = tps / n_pos
-        auc = float(np.trapezoid(tpr, fpr))
-        if drop_intermediate:
-            keep = _drop_collinear(fps, tps)
-            fpr, tpr, thr = fpr[keep], tpr[keep], thr[keep]
-        aucs.append(auc)
-        per_class[name] = {
-            "fpr": fpr.tolist(),
-            "tpr": tpr.tolist(),
-            "thresholds": thr.tolist(),
-            "auc": auc,
-            "n_pos": n_pos,
-            "n_neg": n_neg,
-        }
-    macro = float(np.mean(aucs)) if aucs else None
-    return {"per_class": per_class, "macro_auc": macro}
+    return _roc_all(y, p, names, drop_intermediate)
 
 
 def _bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
@@ -398,6 +416,13 @@ def _check_n_bins(n_bins: Any) -> int:
 def reliability(y_true: Any, proba: Any, n_bins: int = 10) -> dict[str, Any]:
     """Reliability diagram data and calibration errors of the top-class confidence.
 
+    Written here rather than with ``sklearn.calibration.calibration_curve``:
+    scikit-learn has no ECE/MCE, its curve is for one binary score and drops
+    empty bins, and its uniform bins are closed on the right (``searchsorted``)
+    where these are closed on the left, which would move galaxies whose
+    confidence lies on a bin edge (e.g. exactly 0.5) and change published
+    values.
+
     Parameters
     ----------
     y_true : array-like of int, shape (N,)
@@ -412,11 +437,11 @@ def reliability(y_true: Any, proba: Any, n_bins: int = 10) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``bins``: list of ``{lower, upper, count, mean_confidence, accuracy}``
-        (the last two ``None`` for an empty bin); ``ece`` = sum over bins of
-        ``count / N * |accuracy - mean_confidence|``; ``mce`` = the largest
-        ``|accuracy - mean_confidence|`` over non-empty bins; ``n``;
-        ``n_bins``.
+        ``bins``: list of ``n_bins`` dicts ``{lower, upper, count,
+        mean_confidence, accuracy}`` (the last two ``None`` for an empty bin);
+        ``ece`` = sum over bins of ``count / N * |accuracy - mean_confidence|``;
+        ``mce`` = the largest ``|accuracy - mean_confidence|`` over non-empty
+        bins; ``n``; ``n_bins``.
 
     Raises
     ------
@@ -458,9 +483,89 @@ def reliability(y_true: Any, proba: Any, n_bins: int = 10) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- bootstrap
+# The per-resample statistics below are written by hand on purpose.  A bootstrap
+# of 1000 resamples would call scikit-learn 1000 times per metric (about 1 ms of
+# input validation per call before any work, and a sort per class for the AUC);
+# instead every resample is evaluated at once from bincounts over a (B, N) index
+# array.  tests/test_metrics.py::test_vectorised_bootstrap_equals_loop_over_resamples
+# checks them against scikit-learn resample by resample, and
+# benchmarks/bench_metrics.py times them.  The point estimates next to the
+# intervals come from the scikit-learn functions above.
+
+
+def _prf_from_cm(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 of a stack of confusion matrices; 0/0 -> 0.
+
+    Parameters
+    ----------
+    cm : numpy.ndarray, shape (..., K, K)
+        Confusion matrices, rows = true class.
+
+    Returns
+    -------
+    precision, recall, f1 : numpy.ndarray of float64, shape (..., K)
+    """
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
+    pred = cm.sum(axis=-2).astype(np.float64)
+    true = cm.sum(axis=-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(pred > 0, tp / pred, 0.0)
+        recall = np.where(true > 0, tp / true, 0.0)
+        # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (n_pred + n_true); 0/0 -> 0.
+        denom = pred + true
+        f1 = np.where(denom > 0, 2.0 * tp / denom, 0.0)
+    return precision, recall, f1
+
+
+def _summary_from_cm(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and macro F1 of a stack of confusion matrices.
+
+    Parameters
+    ----------
+    cm : numpy.ndarray, shape (..., K, K)
+        Confusion matrices, rows = true class.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray of float64, shape (...)
+        ``accuracy``, ``balanced_accuracy``, ``macro_f1`` with the label sets
+        of :func:`classification_metrics`; NaN where undefined (empty matrix).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.sum(axis=(-2, -1))
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    true = cm.sum(axis=-1)
+    pred = cm.sum(axis=-2)
+    _, recall, f1 = _prf_from_cm(cm)
+    present = true > 0
+    used = present | (pred > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = tp.sum(axis=-1) / n
+        balanced = (recall * present).sum(axis=-1) / present.sum(axis=-1)
+        macro_f1 = (f1 * used).sum(axis=-1) / used.sum(axis=-1)
+    return {"accuracy": accuracy, "balanced_accuracy": balanced, "macro_f1": macro_f1}
+
+
 def _auc_stack(y: np.ndarray, score: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:
     """One-vs-rest AUC of class ``k`` on each resample ``idx[b]``; NaN where undefined.
 
+    Parameters
+    ----------
+    y : numpy.ndarray of int64, shape (N,)
+        True class indices.
+    score : numpy.ndarray of float64, shape (N,)
+        Score of class ``k`` (its probability column).
+    k : int
+        The positive class.
+    idx : numpy.ndarray of int64, shape (B, N)
+        Row indices of ``B`` resamples.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape (B,)
+
+    Notes
+    -----
     Uses tie groups of the *original* scores: for each resample, the number of
     positives and negatives in each group (a bincount), then
     ``AUC = sum_g pos_g * (neg_below_g + neg_g / 2) / (P * N)``, which is the
@@ -489,7 +594,26 @@ def _auc_stack(y: np.ndarray, score: np.ndarray, k: int, idx: np.ndarray) -> np.
 def _boot_chunk(
     names: Sequence[str], y: np.ndarray, p: np.ndarray, idx: np.ndarray, n_bins: int
 ) -> dict[str, np.ndarray]:
-    """Vectorised built-in metrics on resamples ``idx`` of shape (B, N); NaN = undefined."""
+    """Built-in metrics on all resamples at once, from bincounts; NaN where undefined.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Metrics wanted, among :data:`HEADLINE_METRICS`.
+    y : numpy.ndarray of int64, shape (N,)
+        True class indices.
+    p : numpy.ndarray of float64, shape (N, K)
+        Class probabilities.
+    idx : numpy.ndarray of int64, shape (B, N)
+        Row indices of ``B`` resamples.
+    n_bins : int
+        Bins of the ECE.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray of float64, shape (B,)
+        One value per resample for each name in ``names``.
+    """
     n_boot, n = idx.shape
     k = p.shape[1]
     out: dict[str, np.ndarray] = {}
@@ -519,9 +643,25 @@ def _boot_chunk(
 
 
 def _point_value(name: str, y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
-    """Built-in metric on the full sample (NaN where undefined)."""
-    full = _boot_chunk([name], y, p, np.arange(len(y))[None, :], n_bins)
-    return float(full[name][0])
+    """Built-in metric on the full sample, from the point-metric functions; NaN if undefined.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`HEADLINE_METRICS`.
+    y : numpy.ndarray of int64, shape (N,)
+        Validated true class indices.
+    p : numpy.ndarray of float64, shape (N, K)
+        Validated class probabilities.
+    n_bins : int
+        Bins of the ECE.
+    """
+    if name == "macro_auc":
+        macro = _roc_all(y, p, [str(c) for c in range(p.shape[1])], drop_intermediate=False)["macro_auc"]
+        return math.nan if macro is None else macro
+    if name == "ece":
+        return reliability(y, p, n_bins)["ece"]
+    return _point_summary(y, p.argmax(axis=1))[name]
 
 
 def _resample_chunks(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
@@ -559,15 +699,34 @@ def _bootstrap_many(
     seed: int,
     alpha: float,
     n_bins: int = 10,
+    points: Sequence[float] | None = None,
 ) -> list[tuple[float, float, float]]:
-    """Point estimates and percentile CIs of several metrics on the *same* resamples."""
+    """Point estimates and percentile CIs of several metrics on the *same* resamples.
+
+    Parameters
+    ----------
+    metrics : sequence of str or callable
+        Built-in metric names (vectorised) or ``metric(y (n,), p (n, K)) -> float``.
+    y : numpy.ndarray of int64, shape (N,)
+        True class indices.
+    p : numpy.ndarray of float64, shape (N, K)
+        Class probabilities.
+    n_boot, seed, alpha : int, int, float
+        As in :func:`bootstrap_ci`.
+    n_bins : int
+        Bins of the ECE.
+    points : sequence of float, optional
+        Point estimates already computed (one per metric, NaN if undefined);
+        computed here when omitted.
+
+    Returns
+    -------
+    list of (point, lo, hi)
+        One tuple of floats per metric; NaN bounds when no resample defines it.
+    """
     builtin = [m for m in metrics if isinstance(m, str)]
-    points = []
-    for m in metrics:
-        if isinstance(m, str):
-            points.append(_point_value(m, y, p, n_bins))
-        else:
-            points.append(float(m(y, p)))
+    if points is None:
+        points = [_point_value(m, y, p, n_bins) if isinstance(m, str) else float(m(y, p)) for m in metrics]
     draws: list[list[np.ndarray]] = [[] for _ in metrics]
     for idx in _resample_chunks(len(y), n_boot, seed):
         values = _boot_chunk(builtin, y, p, idx, n_bins) if builtin else {}
@@ -686,9 +845,12 @@ def evaluate_predictions(
     n_boot, seed, alpha = _check_boot_args(n_boot, seed, alpha)
     nb = _check_n_bins(n_bins)
     cls = classification_metrics(y, p.argmax(axis=1), names)
-    roc = roc_curves(y, p, names)
+    roc = _roc_all(y, p, names, drop_intermediate=True)
     rel = reliability(y, p, nb)
-    cis = _bootstrap_many(list(HEADLINE_METRICS), y, p, n_boot, seed, alpha, nb)
+    # the point estimates are those of the scikit-learn based functions above
+    found = {**cls, "macro_auc": roc["macro_auc"], "ece": rel["ece"]}
+    points = [math.nan if found[m] is None else float(found[m]) for m in HEADLINE_METRICS]
+    cis = _bootstrap_many(list(HEADLINE_METRICS), y, p, n_boot, seed, alpha, nb, points)
     out: dict[str, Any] = {}
     for name, (point, lo, hi) in zip(HEADLINE_METRICS, cis, strict=True):
         out[name] = {

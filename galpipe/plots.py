@@ -1,8 +1,10 @@
 """Evaluation figures (PNG) and the image helpers behind the galleries.
 
 Every ``plot_*`` function draws on its own :class:`matplotlib.figure.Figure`
-(no pyplot state, nothing left open), writes the PNG atomically with
-:func:`galpipe.io.atomic_path` and returns the path.  Output is byte-identical
+(no pyplot state, nothing left open), built by the matching ``*_figure``
+function (which returns the figure unsaved, so that what it plots can be read
+back from its Axes, as the tests do), writes the PNG atomically with
+:func:`galpipe.io.atomic.atomic_path` and returns the path.  Output is byte-identical
 for identical inputs: a fixed style (:data:`_STYLE`, independent of the user's
 matplotlibrc), a fixed DPI and no ``Software``/date metadata in the PNG.
 """
@@ -22,22 +24,29 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from galpipe.errors import DataError
-from galpipe.io import atomic_path
+from galpipe.io.atomic import atomic_path
 from galpipe.metrics import _check_classes, _check_inputs
 
 __all__ = [
+    "comparison_figure",
+    "confusion_figure",
+    "gallery_figure",
     "gallery_selection",
+    "learning_curves_figure",
     "plot_comparison",
     "plot_confusion",
     "plot_gallery",
     "plot_learning_curves",
     "plot_reliability",
     "plot_roc",
+    "reliability_figure",
+    "roc_figure",
     "to_rgb",
 ]
 
@@ -99,7 +108,7 @@ _RGB_NAMES = ("red", "green", "blue")
 # --------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _figure(width: float, height: float) -> Iterator[Figure]:
-    """A fresh Agg figure of ``width`` x ``height`` inches, built and saved under :data:`_STYLE`."""
+    """A fresh Agg figure of ``width`` x ``height`` inches, built under :data:`_STYLE`."""
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(width, height), dpi=DPI)
         FigureCanvasAgg(fig)
@@ -107,14 +116,15 @@ def _figure(width: float, height: float) -> Iterator[Figure]:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as a deterministic PNG at ``path``, atomically."""
+    """Write ``fig`` as a deterministic PNG at ``path``, atomically, under :data:`_STYLE`."""
     final = Path(path)
-    with atomic_path(final) as tmp:
+    with matplotlib.rc_context(_STYLE), atomic_path(final) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     return final
 
 
 def _as_float_array(values: Any, what: str) -> np.ndarray:
+    """``values`` as a float64 array of any shape; DataError naming ``what`` if not numeric."""
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -123,15 +133,10 @@ def _as_float_array(values: Any, what: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- confusion
-def plot_confusion(
-    cm: Any,
-    classes: Sequence[str],
-    path: str | os.PathLike[str],
-    *,
-    normalise: bool = True,
-    title: str | None = None,
-) -> Path:
-    """Confusion-matrix heat map with counts and row fractions in every cell.
+def confusion_figure(
+    cm: Any, classes: Sequence[str], *, normalise: bool = True, title: str | None = None
+) -> Figure:
+    """The figure of :func:`plot_confusion`, not saved (its cells can be read back).
 
     Parameters
     ----------
@@ -139,8 +144,6 @@ def plot_confusion(
         Counts, rows = true class, columns = predicted class.
     classes : sequence of str, length K
         Class names.
-    path : path-like
-        Destination PNG.
     normalise : bool
         Colour cells by row fraction (recall of the row's class) instead of count.
     title : str, optional
@@ -148,8 +151,10 @@ def plot_confusion(
 
     Returns
     -------
-    pathlib.Path
-        ``path``.
+    matplotlib.figure.Figure
+        One heat-map Axes (plus its colour bar): ``axes[0].images[0]`` holds
+        the (K, K) colour values (row fractions, or counts), and
+        ``axes[0].texts[i * K + j]`` at ``(j, i)`` reads ``"count\\n(fraction)"``.
     """
     names = _check_classes(classes)
     m = _as_float_array(cm, "cm")
@@ -187,11 +192,162 @@ def plot_confusion(
         ax.set_ylabel("true class")
         ax.set_title(title if title is not None else "Confusion matrix (count, row fraction)")
         fig.tight_layout()
-        return _save(fig, path)
+    return fig
+
+
+def plot_confusion(
+    cm: Any,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    normalise: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Confusion-matrix heat map with counts and row fractions in every cell.
+
+    Parameters
+    ----------
+    cm : array-like of int, shape (K, K)
+        Counts, rows = true class, columns = predicted class.
+    classes : sequence of str, length K
+        Class names.
+    path : path-like
+        Destination PNG.
+    normalise : bool
+        Colour cells by row fraction (recall of the row's class) instead of count.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    return _save(confusion_figure(cm, classes, normalise=normalise, title=title), path)
 
 
 # --------------------------------------------------------------------------- learning curves
 _HISTORY_REQUIRED = ("epoch", "train_loss", "val_loss", "train_acc", "val_acc")
+_HISTORY_OPTIONAL = ("val_balanced_acc", "lr")
+#: Colour of reference lines (chance, perfect calibration, best epoch) and of the learning rate.
+_GREY = "#7f7f7f"
+
+
+def _history_columns(
+    history: Mapping[str, Sequence[float]] | pd.DataFrame,
+) -> tuple[dict[str, np.ndarray], float | None]:
+    """Validated float columns of a training history, and its best epoch.
+
+    Parameters
+    ----------
+    history : mapping of str to sequence of float, or pandas.DataFrame
+        See :func:`plot_learning_curves`.
+
+    Returns
+    -------
+    columns : dict of str to numpy.ndarray of float64, shape (E,)
+        The required columns and those optional ones present; None -> NaN.
+    best_epoch : float or None
+        A scalar ``best_epoch`` > 0 of a mapping, else None.
+    """
+    if isinstance(history, pd.DataFrame):
+        cols: dict[str, Any] = {c: history[c].to_numpy() for c in history.columns}
+    elif isinstance(history, Mapping):
+        cols = dict(history)
+    else:
+        raise DataError(
+            f"history: expected a mapping of columns or a DataFrame, got {type(history).__name__}"
+        )
+    missing = [c for c in _HISTORY_REQUIRED if c not in cols]
+    if missing:
+        raise DataError(
+            f"history: missing column(s) {missing}; expected {list(_HISTORY_REQUIRED)} "
+            f"(optional: {', '.join(_HISTORY_OPTIONAL)})"
+        )
+    data: dict[str, np.ndarray] = {}
+    for c in (*_HISTORY_REQUIRED, *_HISTORY_OPTIONAL):
+        if c in cols:
+            arr = _as_float_array(cols[c], f"history[{c!r}]")
+            if arr.ndim != 1:
+                raise DataError(f"history[{c!r}]: expected a 1-D column, got shape {arr.shape}")
+            data[c] = arr
+    n = len(data["epoch"])
+    if n == 0:
+        raise DataError("history: has no rows; expected at least one epoch")
+    for c, arr in data.items():
+        if len(arr) != n:
+            raise DataError(f"history[{c!r}]: has {len(arr)} rows, but 'epoch' has {n}")
+    best = cols.get("best_epoch")
+    scalar = isinstance(best, int | float | np.integer | np.floating) and not isinstance(best, bool)
+    return data, (float(best) if scalar and best > 0 else None)
+
+
+def _draw_loss(ax: Axes, data: Mapping[str, np.ndarray], marker: str | None) -> None:
+    """Train and validation loss against epoch (columns of shape (E,))."""
+    ax.plot(data["epoch"], data["train_loss"], marker=marker, ms=3, label="train")
+    ax.plot(data["epoch"], data["val_loss"], marker=marker, ms=3, label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.legend()
+
+
+def _draw_accuracy(ax: Axes, data: Mapping[str, np.ndarray], marker: str | None) -> None:
+    """Train/validation accuracy (and validation balanced accuracy if logged) against epoch."""
+    epoch = data["epoch"]
+    ax.plot(epoch, data["train_acc"], marker=marker, ms=3, label="train accuracy")
+    ax.plot(epoch, data["val_acc"], marker=marker, ms=3, label="validation accuracy")
+    if "val_balanced_acc" in data:
+        ax.plot(epoch, data["val_balanced_acc"], marker=marker, ms=3, ls="--", label="validation balanced acc.")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy")
+    ax.legend()
+
+
+def _draw_lr(ax: Axes, epoch: np.ndarray, lr: np.ndarray, marker: str | None) -> None:
+    """Learning rate (shape (E,)) against epoch; log scale when every logged value is > 0."""
+    ax.plot(epoch, lr, color=_GREY, marker=marker, ms=3)
+    if np.all(lr[np.isfinite(lr)] > 0) and np.isfinite(lr).any():
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate")
+
+
+def learning_curves_figure(history: Mapping[str, Sequence[float]] | pd.DataFrame) -> Figure:
+    """The figure of :func:`plot_learning_curves`, not saved (its lines can be read back).
+
+    Parameters
+    ----------
+    history : mapping of str to sequence of float, or pandas.DataFrame
+        See :func:`plot_learning_curves`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Axes "Loss", "Accuracy" and, when ``lr`` is logged, "Learning rate",
+        each line's data being ``(epoch, column)``; the best epoch, when
+        given, is a dotted vertical line on every Axes.
+    """
+    data, best_epoch = _history_columns(history)
+    has_lr = "lr" in data
+    marker = "o" if len(data["epoch"]) <= 30 else None
+    with _figure(4.2 * (3 if has_lr else 2), 3.6) as fig:
+        axes = fig.subplots(1, 3 if has_lr else 2)
+        _draw_loss(axes[0], data, marker)
+        _draw_accuracy(axes[1], data, marker)
+        if best_epoch is not None:
+            for ax in axes:
+                ax.axvline(best_epoch, ls=":", color=_GREY, lw=1)
+            axes[0].plot([], [], ls=":", color=_GREY, lw=1, label="best epoch")
+            axes[0].legend()
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if has_lr:
+            _draw_lr(axes[2], data["epoch"], data["lr"], marker)
+        fig.tight_layout()
+    return fig
 
 
 def plot_learning_curves(
@@ -215,112 +371,30 @@ def plot_learning_curves(
     pathlib.Path
         ``path``.
     """
-    if isinstance(history, pd.DataFrame):
-        cols: dict[str, Any] = {c: history[c].to_numpy() for c in history.columns}
-    elif isinstance(history, Mapping):
-        cols = dict(history)
-    else:
-        raise DataError(
-            f"history: expected a mapping of columns or a DataFrame, got {type(history).__name__}"
-        )
-    missing = [c for c in _HISTORY_REQUIRED if c not in cols]
-    if missing:
-        raise DataError(
-            f"history: missing column(s) {missing}; expected {list(_HISTORY_REQUIRED)} "
-            "(optional: val_balanced_acc, lr)"
-        )
-    data: dict[str, np.ndarray] = {}
-    for c in (*_HISTORY_REQUIRED, "val_balanced_acc", "lr"):
-        if c in cols:
-            arr = _as_float_array(cols[c], f"history[{c!r}]")
-            if arr.ndim != 1:
-                raise DataError(f"history[{c!r}]: expected a 1-D column, got shape {arr.shape}")
-            data[c] = arr
-    n = len(data["epoch"])
-    if n == 0:
-        raise DataError("history: has no rows; expected at least one epoch")
-    for c, arr in data.items():
-        if len(arr) != n:
-            raise DataError(f"history[{c!r}]: has {len(arr)} rows, but 'epoch' has {n}")
-
-    has_lr = "lr" in data
-    best = cols.get("best_epoch")
-    best_epoch = (
-        float(best)
-        if isinstance(best, int | float | np.integer | np.floating)
-        and not isinstance(best, bool)
-        and best > 0
-        else None
-    )
-    epoch = data["epoch"]
-    marker = "o" if n <= 30 else None
-    with _figure(4.2 * (3 if has_lr else 2), 3.6) as fig:
-        axes = fig.subplots(1, 3 if has_lr else 2)
-        ax = axes[0]
-        ax.plot(epoch, data["train_loss"], marker=marker, ms=3, label="train")
-        ax.plot(epoch, data["val_loss"], marker=marker, ms=3, label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.set_title("Loss")
-        ax.legend()
-        ax = axes[1]
-        ax.plot(epoch, data["train_acc"], marker=marker, ms=3, label="train accuracy")
-        ax.plot(epoch, data["val_acc"], marker=marker, ms=3, label="validation accuracy")
-        if "val_balanced_acc" in data:
-            ax.plot(
-                epoch,
-                data["val_balanced_acc"],
-                marker=marker,
-                ms=3,
-                ls="--",
-                label="validation balanced acc.",
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy")
-        ax.set_title("Accuracy")
-        ax.legend()
-        if best_epoch is not None:
-            for ax in axes:
-                ax.axvline(best_epoch, ls=":", color="#7f7f7f", lw=1)
-            axes[0].plot([], [], ls=":", color="#7f7f7f", lw=1, label="best epoch")
-            axes[0].legend()
-        for ax in axes:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if has_lr:
-            ax = axes[2]
-            lr = data["lr"]
-            ax.plot(epoch, lr, color="#7f7f7f", marker=marker, ms=3)
-            if np.all(lr[np.isfinite(lr)] > 0) and np.isfinite(lr).any():
-                ax.set_yscale("log")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("learning rate")
-            ax.set_title("Learning rate")
-        fig.tight_layout()
-        return _save(fig, path)
+    return _save(learning_curves_figure(history), path)
 
 
 # --------------------------------------------------------------------------- ROC
-def plot_roc(roc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """One-vs-rest ROC curves of every class with a defined AUC.
+def roc_figure(roc: Mapping[str, Any]) -> Figure:
+    """The figure of :func:`plot_roc`, not saved (its curves can be read back).
 
     Parameters
     ----------
     roc : dict
-        Output of :func:`galpipe.metrics.roc_curves` (``per_class`` with
-        ``fpr``/``tpr``/``auc`` lists, and ``macro_auc``).
-    path : path-like
-        Destination PNG.
+        Output of :func:`galpipe.metrics.roc_curves`.
 
     Returns
     -------
-    pathlib.Path
-        ``path``.
+    matplotlib.figure.Figure
+        One Axes whose first line is the chance diagonal, then one line per
+        class labelled ``"<class> (AUC 0.xxx)"`` with data ``(fpr, tpr)``
+        (shape (M,) each), or an empty line ``"<class> (AUC undefined)"``.
     """
     if not isinstance(roc, Mapping) or not isinstance(roc.get("per_class"), Mapping):
         raise DataError("roc: expected the dict returned by galpipe.metrics.roc_curves")
     with _figure(5.0, 4.6) as fig:
         ax = fig.add_subplot(1, 1, 1)
-        ax.plot([0, 1], [0, 1], ls=":", color="#7f7f7f", lw=1, label="chance")
+        ax.plot([0, 1], [0, 1], ls=":", color=_GREY, lw=1, label="chance")
         for name, curve in roc["per_class"].items():
             try:
                 fpr = _as_float_array(curve["fpr"], f"roc[{name!r}]['fpr']")
@@ -344,10 +418,96 @@ def plot_roc(roc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.set_title(f"ROC, one vs rest ({subtitle})")
         ax.legend(loc="lower right")
         fig.tight_layout()
-        return _save(fig, path)
+    return fig
+
+
+def plot_roc(roc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """One-vs-rest ROC curves of every class with a defined AUC.
+
+    Parameters
+    ----------
+    roc : dict
+        Output of :func:`galpipe.metrics.roc_curves` (``per_class`` with
+        ``fpr``/``tpr``/``auc`` lists, and ``macro_auc``).
+    path : path-like
+        Destination PNG.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    return _save(roc_figure(roc), path)
 
 
 # --------------------------------------------------------------------------- reliability
+def _reliability_bins(rel: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``lower``, ``upper``, ``count``, ``accuracy``, ``confidence`` per bin (shape (B,), None -> NaN)."""
+    if not isinstance(rel, Mapping) or not isinstance(rel.get("bins"), Sequence):
+        raise DataError("rel: expected the dict returned by galpipe.metrics.reliability")
+    bins = rel["bins"]
+    try:
+        return {
+            "lower": np.array([b["lower"] for b in bins], dtype=np.float64),
+            "upper": np.array([b["upper"] for b in bins], dtype=np.float64),
+            "count": np.array([b["count"] for b in bins], dtype=np.float64),
+            "accuracy": np.array([np.nan if b["accuracy"] is None else b["accuracy"] for b in bins], dtype=np.float64),
+            "confidence": np.array(
+                [np.nan if b["mean_confidence"] is None else b["mean_confidence"] for b in bins], dtype=np.float64
+            ),
+        }
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"rel: malformed bin ({exc})") from exc
+
+
+def reliability_figure(rel: Mapping[str, Any]) -> Figure:
+    """The figure of :func:`plot_reliability`, not saved (its bars can be read back).
+
+    Parameters
+    ----------
+    rel : dict
+        Output of :func:`galpipe.metrics.reliability`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two Axes.  Top: one bar per non-empty bin (``patches``: centre, width,
+        height = accuracy), the gaps as red vertical segments and the mean
+        confidences as a line of diamonds (``lines[1]``, data (centre,
+        confidence)); title with ECE and MCE.  Bottom: one bar per bin, height
+        = galaxy count.
+    """
+    b = _reliability_bins(rel)
+    acc, conf = b["accuracy"], b["confidence"]
+    width = b["upper"] - b["lower"]
+    centre = (b["lower"] + b["upper"]) / 2.0
+    filled = b["count"] > 0
+    with _figure(5.0, 6.0) as fig:
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        top.plot([0, 1], [0, 1], ls=":", color=_GREY, lw=1, label="perfect calibration")
+        top.bar(centre[filled], acc[filled], width=width[filled], edgecolor="#1f4e79", color="#1f77b4", alpha=0.8,
+                label="accuracy")
+        top.vlines(centre[filled], np.minimum(acc, conf)[filled], np.maximum(acc, conf)[filled], color="#d62728",
+                   lw=2, label="gap |accuracy - confidence|")
+        top.plot(centre[filled], conf[filled], ls="none", marker="D", ms=4, color="black", label="mean confidence")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        ece, mce = rel.get("ece"), rel.get("mce")
+        parts = []
+        if ece is not None:
+            parts.append(f"ECE {ece:.3f}")
+        if mce is not None:
+            parts.append(f"MCE {mce:.3f}")
+        top.set_title("Reliability diagram" + (f" ({', '.join(parts)})" if parts else ""))
+        top.legend(loc="upper left")
+        bottom.bar(centre, b["count"], width=width, color=_GREY, edgecolor="#404040")
+        bottom.set_xlabel("confidence (top-class probability)")
+        bottom.set_ylabel("galaxies")
+        fig.tight_layout()
+    return fig
+
+
 def plot_reliability(rel: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Reliability diagram (accuracy vs confidence per bin) over a confidence histogram.
 
@@ -365,70 +525,7 @@ def plot_reliability(rel: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     pathlib.Path
         ``path``.
     """
-    if not isinstance(rel, Mapping) or not isinstance(rel.get("bins"), Sequence):
-        raise DataError("rel: expected the dict returned by galpipe.metrics.reliability")
-    try:
-        lower = np.array([b["lower"] for b in rel["bins"]], dtype=np.float64)
-        upper = np.array([b["upper"] for b in rel["bins"]], dtype=np.float64)
-        count = np.array([b["count"] for b in rel["bins"]], dtype=np.float64)
-        acc = np.array(
-            [np.nan if b["accuracy"] is None else b["accuracy"] for b in rel["bins"]],
-            dtype=np.float64,
-        )
-        conf = np.array(
-            [np.nan if b["mean_confidence"] is None else b["mean_confidence"] for b in rel["bins"]],
-            dtype=np.float64,
-        )
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"rel: malformed bin ({exc})") from exc
-    width = upper - lower
-    centre = (lower + upper) / 2.0
-    filled = count > 0
-    with _figure(5.0, 6.0) as fig:
-        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-        top.plot([0, 1], [0, 1], ls=":", color="#7f7f7f", lw=1, label="perfect calibration")
-        top.bar(
-            centre[filled],
-            acc[filled],
-            width=width[filled],
-            edgecolor="#1f4e79",
-            color="#1f77b4",
-            alpha=0.8,
-            label="accuracy",
-        )
-        top.vlines(
-            centre[filled],
-            np.minimum(acc, conf)[filled],
-            np.maximum(acc, conf)[filled],
-            color="#d62728",
-            lw=2,
-            label="gap |accuracy - confidence|",
-        )
-        top.plot(
-            centre[filled],
-            conf[filled],
-            ls="none",
-            marker="D",
-            ms=4,
-            color="black",
-            label="mean confidence",
-        )
-        top.set_xlim(0, 1)
-        top.set_ylim(0, 1)
-        top.set_ylabel("accuracy")
-        ece, mce = rel.get("ece"), rel.get("mce")
-        parts = []
-        if ece is not None:
-            parts.append(f"ECE {ece:.3f}")
-        if mce is not None:
-            parts.append(f"MCE {mce:.3f}")
-        top.set_title("Reliability diagram" + (f" ({', '.join(parts)})" if parts else ""))
-        top.legend(loc="upper left")
-        bottom.bar(centre, count, width=width, color="#7f7f7f", edgecolor="#404040")
-        bottom.set_xlabel("confidence (top-class probability)")
-        bottom.set_ylabel("galaxies")
-        fig.tight_layout()
-        return _save(fig, path)
+    return _save(reliability_figure(rel), path)
 
 
 # --------------------------------------------------------------------------- images
@@ -555,6 +652,63 @@ def gallery_selection(
     return out
 
 
+def gallery_figure(
+    images: Any,
+    bands: Sequence[str],
+    titles: list[str],
+    *,
+    ncols: int = 8,
+    title: str | None = None,
+) -> Figure:
+    """The figure of :func:`plot_gallery`, not saved (its tiles can be read back).
+
+    Parameters
+    ----------
+    images, bands, titles, ncols, title
+        As in :func:`plot_gallery`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        ``ceil(N / ncols)`` rows of ``min(ncols, N)`` Axes; tile ``i`` (row-major)
+        shows ``to_rgb(images[i], bands)`` (``images[0]``, shape (H, W, 3))
+        with ``titles[i]`` as its x label; unused tiles are switched off.
+    """
+    imgs = _as_float_array(images, "images")
+    if imgs.ndim != 4:
+        raise DataError(f"images: expected shape (N, H, W, C), got {imgs.shape}")
+    if len(titles) != len(imgs):
+        raise DataError(f"titles: has {len(titles)} entries, expected one per image ({len(imgs)})")
+    if isinstance(ncols, bool) or not isinstance(ncols, int | np.integer) or ncols < 1:
+        raise DataError(f"ncols: expected a positive integer, got {ncols!r}")
+    n = len(imgs)
+    if n == 0:
+        with _figure(4.0, 1.5) as fig:
+            fig.text(0.5, 0.5, "(no galaxies to show)", ha="center", va="center")
+            if title:
+                fig.suptitle(title)
+        return fig
+    cols = min(int(ncols), n)
+    nrows = math.ceil(n / cols)
+    n_lines = max(str(t).count("\n") + 1 for t in titles)
+    tile = 1.6
+    height = (tile + 0.16 * n_lines) * nrows + (0.4 if title else 0.0)
+    with _figure(tile * cols, height) as fig:
+        axes = fig.subplots(nrows, cols, squeeze=False)
+        for idx, ax in enumerate(axes.ravel()):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if idx >= n:
+                ax.set_axis_off()
+                continue
+            ax.imshow(to_rgb(imgs[idx], bands), interpolation="nearest")
+            ax.set_xlabel(str(titles[idx]), fontsize=7, linespacing=1.1)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout(pad=0.4)
+    return fig
+
+
 def plot_gallery(
     images: Any,
     bands: Sequence[str],
@@ -586,66 +740,31 @@ def plot_gallery(
     pathlib.Path
         ``path``.
     """
-    imgs = _as_float_array(images, "images")
-    if imgs.ndim != 4:
-        raise DataError(f"images: expected shape (N, H, W, C), got {imgs.shape}")
-    if len(titles) != len(imgs):
-        raise DataError(f"titles: has {len(titles)} entries, expected one per image ({len(imgs)})")
-    if isinstance(ncols, bool) or not isinstance(ncols, int | np.integer) or ncols < 1:
-        raise DataError(f"ncols: expected a positive integer, got {ncols!r}")
-    n = len(imgs)
-    if n == 0:
-        with _figure(4.0, 1.5) as fig:
-            fig.text(0.5, 0.5, "(no galaxies to show)", ha="center", va="center")
-            if title:
-                fig.suptitle(title)
-            return _save(fig, path)
-    cols = min(int(ncols), n)
-    nrows = math.ceil(n / cols)
-    n_lines = max(str(t).count("\n") + 1 for t in titles)
-    tile = 1.6
-    height = (tile + 0.16 * n_lines) * nrows + (0.4 if title else 0.0)
-    with _figure(tile * cols, height) as fig:
-        axes = fig.subplots(nrows, cols, squeeze=False)
-        for idx, ax in enumerate(axes.ravel()):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if idx >= n:
-                ax.set_axis_off()
-                continue
-            ax.imshow(to_rgb(imgs[idx], bands), interpolation="nearest")
-            ax.set_xlabel(str(titles[idx]), fontsize=7, linespacing=1.1)
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout(pad=0.4)
-        return _save(fig, path)
+    return _save(gallery_figure(images, bands, titles, ncols=ncols, title=title), path)
 
 
 # --------------------------------------------------------------------------- comparison
-def plot_comparison(
-    leaderboard: pd.DataFrame,
-    path: str | os.PathLike[str],
-    *,
-    metric: str = "balanced_accuracy",
-) -> Path:
-    """Point + CI error bar of one metric per experiment, best first.
+def _leaderboard_column(leaderboard: pd.DataFrame, column: str) -> np.ndarray:
+    """Column ``column`` as float64, shape (n_experiments,); all NaN when absent."""
+    if column not in leaderboard.columns:
+        return np.full(len(leaderboard), np.nan)
+    return _as_float_array(leaderboard[column].to_numpy(), f"leaderboard[{column!r}]")
+
+
+def comparison_figure(leaderboard: pd.DataFrame, *, metric: str = "balanced_accuracy") -> Figure:
+    """The figure of :func:`plot_comparison`, not saved (its points can be read back).
 
     Parameters
     ----------
-    leaderboard : pandas.DataFrame
-        One row per experiment; the experiment name comes from an
-        ``experiment`` column if present, else from the index.  Columns
-        ``<metric>`` and optionally ``<metric>_ci_low`` / ``<metric>_ci_high``
-        (missing/NaN bounds: no error bar).
-    path : path-like
-        Destination PNG.
-    metric : str
-        Metric to compare.  Higher is better, except ``ece`` (lower is better).
+    leaderboard, metric
+        As in :func:`plot_comparison`.
 
     Returns
     -------
-    pathlib.Path
-        ``path``.
+    matplotlib.figure.Figure
+        One Axes: ``lines[0]`` holds the points (value, y) with the best
+        experiment at the top (largest y), the y tick labels name the
+        experiments, and the error bars span each bootstrap interval.
     """
     if not isinstance(leaderboard, pd.DataFrame):
         raise DataError(
@@ -662,18 +781,9 @@ def plot_comparison(
         if "experiment" in leaderboard.columns
         else [str(i) for i in leaderboard.index]
     )
-    value = _as_float_array(leaderboard[metric].to_numpy(), f"leaderboard[{metric!r}]")
-    lo_col, hi_col = f"{metric}_ci_low", f"{metric}_ci_high"
-    lo = (
-        _as_float_array(leaderboard[lo_col].to_numpy(), f"leaderboard[{lo_col!r}]")
-        if lo_col in leaderboard.columns
-        else np.full(len(value), np.nan)
-    )
-    hi = (
-        _as_float_array(leaderboard[hi_col].to_numpy(), f"leaderboard[{hi_col!r}]")
-        if hi_col in leaderboard.columns
-        else np.full(len(value), np.nan)
-    )
+    value = _leaderboard_column(leaderboard, metric)
+    lo = _leaderboard_column(leaderboard, f"{metric}_ci_low")
+    hi = _leaderboard_column(leaderboard, f"{metric}_ci_high")
     lower_is_better = metric == "ece"
     key = np.where(np.isfinite(value), value if lower_is_better else -value, np.inf)
     order = np.lexsort((np.arange(len(value)), key))  # best first, ties by row order
@@ -689,14 +799,8 @@ def plot_comparison(
         ax.errorbar(v, ypos, xerr=err, fmt="o", color="#1f77b4", ecolor="#404040", capsize=3)
         for yp, val in zip(ypos, v, strict=True):
             if np.isfinite(val):
-                ax.annotate(
-                    f"{val:.3f}",
-                    (val, yp),
-                    xytext=(0, 6),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=7,
-                )
+                ax.annotate(f"{val:.3f}", (val, yp), xytext=(0, 6), textcoords="offset points", ha="center",
+                            fontsize=7)
         ax.set_yticks(ypos, [names[i] for i in order])
         ax.set_ylim(-0.7, n - 0.3)
         label = metric.replace("_", " ")
@@ -704,4 +808,32 @@ def plot_comparison(
         ax.set_title(f"Experiments by {label}, with bootstrap CI")
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
-        return _save(fig, path)
+    return fig
+
+
+def plot_comparison(
+    leaderboard: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "balanced_accuracy",
+) -> Path:
+    """Point + CI error bar of one metric per experiment, best first.
+
+    Parameters
+    ----------
+    leaderboard : pandas.DataFrame, shape (n_experiments, n_columns)
+        One row per experiment; the experiment name comes from an
+        ``experiment`` column if present, else from the index.  Columns
+        ``<metric>`` and optionally ``<metric>_ci_low`` / ``<metric>_ci_high``
+        (missing/NaN bounds: no error bar).
+    path : path-like
+        Destination PNG.
+    metric : str
+        Metric to compare.  Higher is better, except ``ece`` (lower is better).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    return _save(comparison_figure(leaderboard, metric=metric), path)

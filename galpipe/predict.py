@@ -23,11 +23,11 @@ import pandas as pd
 import pyarrow as pa
 from astropy.io import fits
 
-from galpipe.catalogue import write_arrow, write_table
 from galpipe.errors import ConfigError, DataError
-from galpipe.normalise import image_column, normalise_array
-from galpipe.sources.images import IMAGE_SUFFIXES, load_image, read_labels
+from galpipe.io.parquet import write_arrow, write_table
+from galpipe.sources.images import IMAGE_SUFFIXES, read_labels
 from galpipe.stages import CUTOUT_CACHE_ROOT
+from galpipe.stages.normalise import image_column, normalise_array
 
 log = logging.getLogger("galpipe")
 PathLike = str | os.PathLike[str]
@@ -35,19 +35,36 @@ CATALOGUE_SUFFIXES = {".parquet", ".csv"}
 FITS_SUFFIXES = {".fits", ".fit", ".fts"}
 
 
+def preprocess_image(path: PathLike, meta: Mapping[str, Any], crop_fraction: float | None = None) -> np.ndarray:
+    """One image file -> the ``(H, W, C)`` float32 array the model sees, made by the stage code.
+
+    The model's source (``model.json`` ``preprocess.source``) turns the file into
+    cutout pixels exactly as its cutouts stage does
+    (:meth:`galpipe.sources.base.Source.load_external`), then the normalise
+    stage's :func:`~galpipe.stages.normalise.normalise_array` applies the
+    normalisation stored with the model.
+    """
+    from galpipe.settings import NormaliseConfig
+    from galpipe.sources import source_class
+
+    h, w, c = meta["image_shape"]
+    prep = meta.get("preprocess", {})
+    crop = crop_fraction if crop_fraction is not None else float(prep.get("crop_fraction", 1.0))
+    ext = source_class(prep.get("source", "images")).load_external(path, size=h, crop_fraction=crop)
+    img, _ = normalise_array(ext.data, ext.bunit, NormaliseConfig.from_dict(meta["normalisation"], "normalisation"))
+    if img.shape != (h, w, c):
+        raise DataError(f"image {path}: {img.shape[2]} channel(s), the model expects {c}")
+    return img
+
+
 def _preprocess(paths: Iterable[PathLike], meta: Mapping[str, Any], crop_fraction: float | None
                 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """Load, crop/resize and normalise images -> ``(N, H, W, C)``, kept paths, failures."""
+    """:func:`preprocess_image` of every path -> ``(N, H, W, C)``, kept paths, failures."""
     h, w, c = meta["image_shape"]
-    crop = crop_fraction if crop_fraction is not None else float(meta.get("preprocess", {}).get("crop_fraction", 1.0))
     imgs, kept, failed = [], [], []
     for p in paths:
         try:
-            data, bunit, _ = load_image(p, size=h, crop_fraction=crop)
-            img, _ = normalise_array(data, bunit, meta.get("normalisation", {}))
-            if img.shape != (h, w, c):
-                raise DataError(f"image {p}: {img.shape[2]} channel(s), the model expects {c}")
-            imgs.append(img)
+            imgs.append(preprocess_image(p, meta, crop_fraction))
             kept.append(str(p))
         except DataError as exc:
             log.warning("skipped: %s", exc)
@@ -62,32 +79,44 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path,
                        cache_root: PathLike = CUTOUT_CACHE_ROOT) -> list[str]:
-    """Fetch the cutouts of a catalogue through the configured source; return their paths.
+    """Fetch the cutouts of a catalogue through the configured source (the cutouts stage); return their paths.
 
     Cutouts are cached under ``cache_root/<source>-<settings hash>`` (the pipeline's
     own cache layout, so a catalogue already fetched by the pipeline is not fetched again).
     """
     from galpipe.catalogue import write_catalogue
-    from galpipe.config import load_config
-    from galpipe.stages import cutout_cache_dir, cutouts_stage, stage_config
+    from galpipe.config import load_settings
+    from galpipe.sources import get_source
+    from galpipe.stages import cutout_cache_dir, stage_params
+    from galpipe.stages.cutouts import run as cutouts_run
 
     if config is None:
         raise ConfigError("predicting a catalogue needs --config: its source fetches the cutouts")
-    cfg = load_config(config)
+    cfg = load_settings(_read_yaml(config))
     df = pd.read_csv(cat_path) if cat_path.suffix.lower() == ".csv" else pd.read_parquet(cat_path)
-    missing = [c for c in ("objid", "ra", "dec") if c not in df.columns]
+    needed = get_source(cfg).catalogue_columns
+    missing = [c for c in dict.fromkeys(("objid", "ra", "dec", *needed)) if c not in df.columns]
     if missing:
-        raise DataError(f"catalogue {cat_path}: missing column(s) {missing}")
+        raise DataError(f"catalogue {cat_path}: missing column(s) {missing}; the {cfg.source} source reads "
+                        f"{list(needed)} to make a cutout (rows of the pipeline's catalogue.parquet have them)")
     if "label" not in df.columns:
-        if cfg["source"] == "simulated":  # the class is what the simulation renders
-            raise DataError(f"catalogue {cat_path}: missing column 'label'; the simulated source renders each "
-                            "galaxy from its catalogue row, class included (e.g. pass rows of catalogue.parquet)")
-        df["label"] = "unknown"
+        df["label"] = "unknown"  # the class is what predict finds out
     shard = workdir / "catalogue.parquet"
     write_catalogue(df, shard, {"source": "predict", "input": str(cat_path)})
-    man = cutouts_stage(stage_config(cfg, "cutouts"), shard, workdir / "manifest.parquet",
-                        cutout_cache_dir(cfg, root=cache_root))
+    man = cutouts_run(stage_params(cfg, "cutouts"), shard, workdir / "manifest.parquet",
+                      cutout_cache_dir(cfg, root=cache_root))
     return man.loc[man["status"] == "ok", "path"].tolist()
+
+
+def _read_yaml(path: PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
 
 
 def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *, tta: bool = False,
@@ -162,7 +191,7 @@ def _write_predictions(model: Any, meta: Mapping[str, Any], x: np.ndarray, kept:
     if out.suffix.lower() == ".parquet":
         write_table(df, out, {"model": meta.get("experiment"), "failed": failed})
     else:
-        from galpipe.io import atomic_write_text
+        from galpipe.io.atomic import atomic_write_text
 
         atomic_write_text(out, df.to_csv(index=False, float_format="%.6g"))
     return df
@@ -176,10 +205,10 @@ def evaluate_external(params: Mapping[str, Any], model_dir: PathLike, images_dir
 
     The images are preprocessed as in training and written to
     ``out_dir/external.parquet`` in the split format; then
-    :func:`galpipe.experiment.evaluate_experiment` runs on it.
+    :func:`galpipe.stages.evaluate.run` runs on it.
     """
-    from galpipe.experiment import evaluate_experiment
     from galpipe.nn.persist import load_model
+    from galpipe.stages.evaluate import run as evaluate_experiment
 
     _, meta = load_model(model_dir)
     classes = list(meta["classes"])

@@ -19,16 +19,22 @@ from PIL import Image
 from robust_fixtures import ROBUST_TINY, check_ok, run_workflow, write_config
 
 from galpipe.catalogue import check_catalogue, read_catalogue
-from galpipe.config import validate_config
+from galpipe.config import build_section, validate_config
 from galpipe.errors import ConfigError, DataError, ModelError
-from galpipe.experiment import check_architectures
-from galpipe.io import read_cutout, write_cutout
-from galpipe.normalise import normalise_array
+from galpipe.io.cutout_fits import read_cutout, write_cutout
 from galpipe.sources.images import load_image, read_labels
-from galpipe.stages import cutout_cache_dir, cutouts_stage, normalise_stage, stage_config
+from galpipe.stages import cutout_cache_dir, stage_params
+from galpipe.stages.catalogue import run as run_catalogue
+from galpipe.stages.cutouts import run as run_cutouts
+from galpipe.stages.normalise import normalise_array
+from galpipe.stages.normalise import run as run_normalise
+from galpipe.stages.train import check_architectures
 
 #: Peak Python allocation allowed while rejecting a file that claims huge dimensions.
 SMALL_ALLOCATION = 8_000_000
+
+#: The normalise section with the schema's defaults.
+NORM = build_section("normalise")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -145,11 +151,11 @@ def test_nan_only_and_infinite_pixels(tmp_path: Path) -> None:
             load_image(plain, size=8)
     cut = read_cutout(_cutout(tmp_path / "nan_cutout.fits", fill=np.nan))
     with pytest.raises(DataError, match="every pixel is NaN or infinite"):
-        normalise_array(cut.data, cut.bunit)
+        normalise_array(cut.data, cut.bunit, NORM)
     # a few bad pixels are replaced and counted, not fatal
     data = np.ones((3, 8, 8), np.float32)
     data[0, 0, 0], data[1, 2, 3], data[2, 5, 5] = np.nan, np.inf, -np.inf
-    img, n_bad = normalise_array(data, "nanomaggy", {"bad_pixel_value": 0.25})
+    img, n_bad = normalise_array(data, "nanomaggy", build_section("normalise", {"bad_pixel_value": 0.25}))
     assert n_bad == 3 and np.isfinite(img).all()
     assert img[0, 0, 0] == np.float32(0.25) and img.shape == (8, 8, 3)
 
@@ -315,21 +321,20 @@ def _images_config(root: Path, img: Path, max_reject: float) -> dict:
 
 
 def test_bad_galaxies_are_quarantined_or_fail_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from galpipe.stages import catalogue_stage
 
     monkeypatch.chdir(tmp_path)
     img, _ = _image_folder(tmp_path)
     strict = _images_config(tmp_path, img, 0.0)
-    catalogue_stage(stage_config(strict, "catalogue"), "cat.parquet", ["shard.parquet"])
+    run_catalogue(stage_params(strict, "catalogue"), "cat.parquet", ["shard.parquet"])
     with pytest.raises(DataError) as info:
-        cutouts_stage(stage_config(strict, "cutouts"), "shard.parquet", "manifest.parquet", cutout_cache_dir(strict))
+        run_cutouts(stage_params(strict, "cutouts"), "shard.parquet", "manifest.parquet", cutout_cache_dir(strict))
     msg = str(info.value)
     assert "cutouts of shard shard.parquet: 2 of 10 galaxies failed, more than max_reject_fraction=0.0" in msg
     assert "first: objid 3: image" in msg and "g3.jpg: corrupt or truncated image" in msg
     assert not Path("manifest.parquet").exists()
 
     lenient = _images_config(tmp_path, img, 0.35)
-    manifest = cutouts_stage(stage_config(lenient, "cutouts"), "shard.parquet", "manifest.parquet",
+    manifest = run_cutouts(stage_params(lenient, "cutouts"), "shard.parquet", "manifest.parquet",
                              cutout_cache_dir(lenient))
     failed = manifest[manifest["status"] != "ok"].set_index("objid")
     assert sorted(failed.index) == [3, 8]
@@ -338,7 +343,7 @@ def test_bad_galaxies_are_quarantined_or_fail_the_stage(tmp_path: Path, monkeypa
     # a cutout that went bad after the cutouts stage is quarantined by normalise
     good_path = manifest.set_index("objid").loc[5, "path"]
     Path(good_path).write_bytes(Path(good_path).read_bytes()[:3000])
-    stats = normalise_stage(stage_config(lenient, "normalise"), "manifest.parquet", "shard.parquet",
+    stats = run_normalise(stage_params(lenient, "normalise"), "manifest.parquet", "shard.parquet",
                             "normalised.parquet", "rejects.parquet")
     assert stats["n"] == 7 and stats["n_rejected"] == 3
     rejects = pd.read_parquet("rejects.parquet").set_index("objid")
@@ -350,7 +355,7 @@ def test_bad_galaxies_are_quarantined_or_fail_the_stage(tmp_path: Path, monkeypa
     tighter = _images_config(tmp_path, img, 0.25)
     with pytest.raises(DataError, match=r"3 of 10 galaxies rejected, more than max_reject_fraction=0\.25; "
                                         r"first: objid 3 \(cutouts\)"):
-        normalise_stage(stage_config(tighter, "normalise"), "manifest.parquet", "shard.parquet",
+        run_normalise(stage_params(tighter, "normalise"), "manifest.parquet", "shard.parquet",
                         "normalised2.parquet", "rejects2.parquet")
     assert not Path("normalised2.parquet").exists() and not Path("rejects2.parquet").exists()
 

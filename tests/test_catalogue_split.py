@@ -10,18 +10,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from galpipe.catalogue import (
-    check_catalogue,
-    read_catalogue,
-    read_metadata,
-    shard_catalogue,
-    write_catalogue,
-    write_shards,
-)
+from galpipe.catalogue import check_catalogue, read_catalogue, shard_catalogue, write_catalogue, write_shards
+from galpipe.config import build_section
 from galpipe.errors import DataError
-from galpipe.io import read_cutout, write_cutout
-from galpipe.normalise import normalise_array, normalise_shard, read_images
-from galpipe.split import allocate, assign_splits, split_dataset
+from galpipe.io.cutout_fits import read_cutout, write_cutout
+from galpipe.io.parquet import read_metadata
+from galpipe.stages.normalise import normalise_array, normalise_shard, read_images
+from galpipe.stages.split import allocate, assign_splits, split_dataset
+
+#: The normalise section with the schema's defaults.
+NORM = build_section("normalise")
 
 
 def _cat(n: int = 60, seed: int = 0) -> pd.DataFrame:
@@ -97,18 +95,18 @@ def test_normalise_array_asinh_dn_and_bad_pixels() -> None:
     flux[0, 0, 0] = np.nan
     flux[1, 1, 1] = np.inf
     flux[2, 2, 2] = 100.0
-    img, n_bad = normalise_array(flux, "nanomaggy", {"softening": 0.1, "reference_flux": 100.0,
-                                                    "clip": [-0.5, 1.5], "bad_pixel_value": -0.25})
+    img, n_bad = normalise_array(flux, "nanomaggy", build_section(
+        "normalise", {"softening": 0.1, "reference_flux": 100.0, "clip": [-0.5, 1.5], "bad_pixel_value": -0.25}))
     assert img.shape == (4, 4, 3) and img.dtype == np.float32
     assert n_bad == 2
     assert img[0, 0, 0] == np.float32(-0.25) and img[1, 1, 1] == np.float32(-0.25)
     assert img[2, 2, 2] == pytest.approx(1.0)
     assert img[3, 3, 0] == 0.0
     dn = np.full((3, 2, 2), 255, np.uint8)
-    out, _ = normalise_array(dn, "DN")
+    out, _ = normalise_array(dn, "DN", NORM)
     assert np.all(out == 1.0)
     with pytest.raises(DataError, match="NaN"):
-        normalise_array(np.full((1, 2, 2), np.nan, np.float32), "nanomaggy")
+        normalise_array(np.full((1, 2, 2), np.nan, np.float32), "nanomaggy", NORM)
 
 
 def _write_shard(tmp_path: Path, df: pd.DataFrame, name: str, corrupt: int | None = None) -> tuple[Path, Path]:
@@ -136,7 +134,7 @@ def test_normalise_shard_and_split_end_to_end(tmp_path: Path) -> None:
         corrupt = int(part["objid"].iloc[0]) if i == 0 else None
         man, shard = _write_shard(tmp_path, part, f"s{i}", corrupt)
         out = tmp_path / f"n{i}.parquet"
-        stats = normalise_shard(man, shard, out, tmp_path / f"r{i}.parquet", params={}, size=8,
+        stats = normalise_shard(man, shard, out, tmp_path / f"r{i}.parquet", params=NORM, size=8,
                                 bands=["g", "r", "i"], max_reject_fraction=0.1)
         outs.append(out)
         assert stats["n_rejected"] == (1 if i == 0 else 0)
@@ -169,7 +167,7 @@ def test_normalise_fails_past_reject_threshold(tmp_path: Path) -> None:
     df = _cat(6)
     man, shard = _write_shard(tmp_path, df, "s", corrupt=int(df["objid"].iloc[0]))
     with pytest.raises(DataError, match="1 of 6 galaxies rejected"):
-        normalise_shard(man, shard, tmp_path / "n.parquet", tmp_path / "r.parquet", params={}, size=8,
+        normalise_shard(man, shard, tmp_path / "n.parquet", tmp_path / "r.parquet", params=NORM, size=8, bands=None,
                         max_reject_fraction=0.0)
     assert not (tmp_path / "n.parquet").exists()
 
@@ -197,7 +195,8 @@ def test_normalise_streams_row_groups(tmp_path: Path) -> None:
     df = _cat(40)
     man, shard = _write_shard(tmp_path, df, "s")
     out = tmp_path / "n.parquet"
-    normalise_shard(man, shard, out, tmp_path / "r.parquet", params={}, size=8, row_group_rows=16)
+    normalise_shard(man, shard, out, tmp_path / "r.parquet", params=NORM, size=8, bands=None,
+                    max_reject_fraction=0.0, row_group_rows=16)
     md = pq.ParquetFile(out).metadata
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [16, 16, 8]
     imgs, rest = read_images(out)

@@ -111,7 +111,7 @@ def test_deep_merge_and_fingerprint_are_stable() -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
 def test_shipped_configs_validate_and_their_networks_build(name: str) -> None:
     """Every config in config/ is valid and each experiment's network fits its input shape."""
-    from galpipe.experiment import check_architectures
+    from galpipe.stages.train import check_architectures
 
     cfg = load_config(REPO / "config" / name)
     experiments = resolve_experiments(cfg, [REPO / "config" / "architectures"])
@@ -122,8 +122,8 @@ def test_shipped_configs_validate_and_their_networks_build(name: str) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "architectures").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_has_a_one_line_description_and_builds(path: Path) -> None:
     from galpipe.config import load_preset
-    from galpipe.experiment import full_architecture
     from galpipe.nn.model import build_model
+    from galpipe.stages.train import full_architecture
 
     preset = load_preset(path.stem, [path.parent])
     assert preset["description"].strip() and "\n" not in preset["description"].strip()

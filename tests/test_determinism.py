@@ -28,16 +28,16 @@ from robust_fixtures import (
 )
 
 from galpipe.config import resolve_experiments, validate_config
-from galpipe.experiment import train_experiment
 from galpipe.stages import (
-    catalogue_stage,
     cutout_cache_dir,
-    cutouts_stage,
     experiment_params,
-    normalise_stage,
-    split_stage,
-    stage_config,
+    stage_params,
 )
+from galpipe.stages.catalogue import run as run_catalogue
+from galpipe.stages.cutouts import run as run_cutouts
+from galpipe.stages.normalise import run as run_normalise
+from galpipe.stages.split import run as run_split
+from galpipe.stages.train import run as train_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,14 +85,14 @@ def _stages_once(root: Path, cfg: dict, monkeypatch: pytest.MonkeyPatch) -> list
     root.mkdir()
     monkeypatch.chdir(root)
     cat, shard = Path("catalogue.parquet"), Path("shard.parquet")
-    catalogue_stage(stage_config(cfg, "catalogue"), cat, [shard])
+    run_catalogue(stage_params(cfg, "catalogue"), cat, [shard])
     manifest = Path("manifest.parquet")
     cache = cutout_cache_dir(cfg)
-    cutouts_stage(stage_config(cfg, "cutouts"), shard, manifest, cache)
+    run_cutouts(stage_params(cfg, "cutouts"), shard, manifest, cache)
     norm, rejects = Path("normalised.parquet"), Path("rejects.parquet")
-    normalise_stage(stage_config(cfg, "normalise"), manifest, shard, norm, rejects)
+    run_normalise(stage_params(cfg, "normalise"), manifest, shard, norm, rejects)
     splits = {s: Path(f"{s}.parquet") for s in ("train", "validation", "test")}
-    split_stage(stage_config(cfg, "split"), [norm], splits, Path("summary.json"))
+    run_split(stage_params(cfg, "split"), [norm], splits, Path("summary.json"))
     fits = sorted(Path(cache).glob("*.fits"))
     return [root / p for p in [cat, shard, manifest, norm, rejects, *splits.values(), Path("summary.json"), *fits]]
 

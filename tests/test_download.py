@@ -24,10 +24,10 @@ import pytest
 from astropy.io import fits
 from PIL import Image
 
-from galpipe.errors import SourceError
-from galpipe.io import read_cutout
+from galpipe.config import build_section
+from galpipe.errors import ConfigError
+from galpipe.io.cutout_fits import read_cutout
 from galpipe.sources.download import (
-    DownloadConfig,
     Downloader,
     FetchError,
     RateLimiter,
@@ -38,8 +38,8 @@ from galpipe.sources.download import (
     parse_jpeg,
     parse_retry_after,
 )
-from galpipe.sources.fakeserver import FAULT_KINDS, FakeSkyServer, FaultSpec
 from galpipe.sources.sdss_cutouts import FrameCache, fetch_cutouts
+from galpipe.testing.fakeserver import FAULT_KINDS, FakeSkyServer, FaultSpec
 
 REPO = Path(__file__).resolve().parents[1]
 BANDS = ["g", "r"]
@@ -56,7 +56,7 @@ def _max_in_window(times: list[float], window: float) -> int:
 
 
 def _frame_bytes(shape: tuple[int, int] = (20, 30), n_hdus: int = 4) -> bytes:
-    from galpipe.io import tan_wcs
+    from galpipe.io.cutout_fits import tan_wcs
 
     hdus: list[Any] = [fits.PrimaryHDU(np.ones(shape, np.float32), header=tan_wcs(
         10.0, 1.0, shape, 0.396).to_header())]
@@ -139,7 +139,8 @@ def test_verification_rejects_bad_bodies() -> None:
 
 def test_permanent_http_errors_are_not_retried() -> None:
     with FakeSkyServer(n_galaxies=4, seed=0, frame_shape=(64, 64)) as srv:
-        dl = Downloader(DownloadConfig(max_retries=5, backoff_base_s=0.01, timeout_s=5))
+        dl = Downloader(build_section("sdss", {"download": {"max_retries": 5, "backoff_base_s": 0.01,
+                                                             "timeout_s": 5}}).download)
         with pytest.raises(FetchError, match="HTTP 404"):
             dl.fetch(f"{srv.sas_url}/dr17/eboss/nothing.fits.bz2", lambda b: b)
         assert len(srv.log) == 1
@@ -169,10 +170,10 @@ def test_twenty_percent_faults_of_every_kind_still_fetch_everything(tmp_path: Pa
         cat = _catalogue(srv)
         dl = {"concurrency": 4, "timeout_s": 0.4, "max_retries": 4}
         man = fetch_cutouts(cat, tmp_path / "frames", bands=BANDS, size=24,
-                            params=srv.params(download=dl), cache_dir=tmp_path / "cache")
+                            sdss=srv.params(download=dl), frame_cache_dir=tmp_path / "cache")
         params = srv.params(cutouts={"provider": "skyserver-jpeg"}, download=dl)
         man_j = fetch_cutouts(cat, tmp_path / "jpeg", bands=["red", "green", "blue"], size=24,
-                              params=params, cache_dir=tmp_path / "cache")
+                              sdss=params, frame_cache_dir=tmp_path / "cache")
         log = srv.log
     faults_seen = Counter(e["fault"] for e in log if e["fault"])
     assert set(faults_seen) == set(FAULT_KINDS), faults_seen
@@ -197,7 +198,7 @@ def test_request_rate_is_never_exceeded(tmp_path: Path) -> None:
                             download={"concurrency": 6, "requests_per_second": 25.0})
         t0 = time.monotonic()
         man = fetch_cutouts(_catalogue(srv), tmp_path, bands=["red", "green", "blue"], size=16,
-                            params=params, cache_dir=tmp_path / "c")
+                            sdss=params, frame_cache_dir=tmp_path / "c")
         elapsed = time.monotonic() - t0
         times = [e["t"] for e in srv.log]
     assert (man["status"] == "ok").all() and len(times) == 30
@@ -217,7 +218,7 @@ def test_retry_after_is_honoured(tmp_path: Path) -> None:
                             download={"concurrency": 3, "backoff_base_s": 0.001,
                                       "backoff_max_s": 0.002})
         man = fetch_cutouts(_catalogue(srv), tmp_path, bands=["red", "green", "blue"], size=16,
-                            params=params, cache_dir=tmp_path / "c")
+                            sdss=params, frame_cache_dir=tmp_path / "c")
         log = srv.log
     assert (man["status"] == "ok").all()
     by_query: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -229,25 +230,30 @@ def test_retry_after_is_honoured(tmp_path: Path) -> None:
         assert entries[1]["t"] - entries[0]["t"] >= 0.6 - 0.005
 
 
-def test_failure_threshold(tmp_path: Path) -> None:
+def test_failed_galaxies_are_listed_and_never_fail_the_call(tmp_path: Path) -> None:
+    # one threshold knob: the cutouts stage applies max_reject_fraction to the manifest
     faults = FaultSpec(rate=0.3, kinds=("500",), sticky=True, max_per_path=None, seed=5)
     with FakeSkyServer(n_galaxies=20, seed=1, frame_shape=(64, 64), faults=faults) as srv:
         cat = _catalogue(srv)
-        base = {"cutouts": {"provider": "skyserver-jpeg"}}
-        lenient = srv.params(**base, download={"max_retries": 1, "max_failure_fraction": 0.9})
+        params = srv.params(cutouts={"provider": "skyserver-jpeg"}, download={"max_retries": 1})
         man = fetch_cutouts(cat, tmp_path / "a", bands=["red", "green", "blue"], size=16,
-                            params=lenient, cache_dir=tmp_path / "c")
+                            sdss=params, frame_cache_dir=tmp_path / "c")
         failing = {e["query"] for e in srv.log if e["fault"]}
         failed = man[man["status"] == "failed"]
         assert 0 < len(failed) == len(failing) < len(cat)
+        assert len(failed) / len(cat) > 0.05  # more than the default max_reject_fraction: still no error here
         assert failed["reason"].str.contains("failed after 2 attempt").all()
         assert failed["reason"].str.contains("HTTP 500").all()
         assert (failed["n_filled"] == -1).all()
         assert not any(Path(p).exists() for p in failed["path"])
-        strict = srv.params(**base, download={"max_retries": 1, "max_failure_fraction": 0.05})
-        with pytest.raises(SourceError, match=rf"{len(failed)} of {len(cat)} galaxies failed"):
-            fetch_cutouts(cat, tmp_path / "a", bands=["red", "green", "blue"], size=16,
-                          params=strict, cache_dir=tmp_path / "c")
+        # a rerun retries only the failed ones and lists them again
+        srv.clear_log()
+        again = fetch_cutouts(cat, tmp_path / "a", bands=["red", "green", "blue"], size=16,
+                              sdss=params, frame_cache_dir=tmp_path / "c")
+        assert again["status"].tolist() == man["status"].tolist()
+        assert {e["query"] for e in srv.log} == failing
+    with pytest.raises(ConfigError, match=r"config key 'sdss\.download'.*max_failure_fraction"):
+        build_section("sdss", {"download": {"max_failure_fraction": 0.5}})
 
 
 _CHILD = """
@@ -256,8 +262,8 @@ import pandas as pd
 from galpipe.sources.sdss_cutouts import fetch_cutouts
 cfg = json.load(open(sys.argv[1]))
 cat = pd.read_csv(cfg["catalogue"])
-fetch_cutouts(cat, cfg["out"], bands=cfg["bands"], size=24, params=cfg["params"],
-              cache_dir=cfg["cache"])
+fetch_cutouts(cat, cfg["out"], bands=cfg["bands"], size=24, sdss=cfg["params"],
+              frame_cache_dir=cfg["cache"])
 print("finished")
 """
 
@@ -291,8 +297,8 @@ def test_sigkill_then_rerun_fetches_only_what_is_missing(tmp_path: Path) -> None
         assert 6 <= len(done_before) < len(cat)
         srv.latency = 0.0
         srv.clear_log()
-        man = fetch_cutouts(cat, out, bands=BANDS, size=24, params=srv.params(),
-                            cache_dir=cache)
+        man = fetch_cutouts(cat, out, bands=BANDS, size=24, sdss=srv.params(),
+                            frame_cache_dir=cache)
         log = srv.log
     assert (man["status"] == "ok").all()
     assert man.attrs["stats"]["skipped_existing"] == len(done_before)

@@ -20,7 +20,9 @@ from astropy.wcs import WCS
 from PIL import Image
 
 from galpipe.errors import ConfigError
-from galpipe.sources.fakeserver import (
+from galpipe.sources.sdss import build_page_sql
+from galpipe.sources.sdss_cutouts import frame_url
+from galpipe.testing.fakeserver import (
     FAULT_KINDS,
     FakeSkyServer,
     FaultSpec,
@@ -30,8 +32,6 @@ from galpipe.sources.fakeserver import (
     make_sky,
     objid_from,
 )
-from galpipe.sources.sdss import build_page_sql
-from galpipe.sources.sdss_cutouts import frame_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,7 +236,7 @@ def test_binds_to_loopback_only(srv: FakeSkyServer) -> None:
 def test_command_line_entry_point() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "galpipe.sources.fakeserver", "--port", "0", "--galaxies", "6",
+        [sys.executable, "-m", "galpipe.testing.fakeserver", "--port", "0", "--galaxies", "6",
          "--frame-shape", "64,80"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )

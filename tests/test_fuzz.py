@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from galpipe.config import validate_config
+from galpipe.config import build_section, validate_config
 from galpipe.errors import GalpipeError
-from galpipe.io import read_cutout, write_cutout
+from galpipe.io.cutout_fits import read_cutout, write_cutout
 from galpipe.sources import sdss
 from galpipe.sources.images import load_image, read_labels
 
@@ -275,8 +275,8 @@ LABELS = st.fixed_dictionaries({}, optional={
 SDSS_SECTION = st.fixed_dictionaries({}, optional={
     "data_release": VALUES,
     "labels": LABELS,
-    "selection": st.dictionaries(st.sampled_from(sorted(sdss.DEFAULTS["selection"])), VALUES),
-    "query": st.dictionaries(st.one_of(st.sampled_from(sorted(sdss.DEFAULTS["query"])), KEYS), VALUES),
+    "selection": st.dictionaries(st.sampled_from(sorted(build_section("sdss").selection.to_dict())), VALUES),
+    "query": st.dictionaries(st.one_of(st.sampled_from(sorted(build_section("sdss").query.to_dict())), KEYS), VALUES),
 })
 
 
@@ -290,13 +290,15 @@ def test_sql_builders_with_random_values_in_every_field() -> None:
     @given(st.one_of(SDSS_SECTION, VALUES), st.sampled_from(["spiral", "elliptical", "galaxy", "qso", "x"]),
            VALUES, VALUES)
     def check(params: Any, label: str, top: Any, after: Any) -> None:
+        section = only_galpipe_errors(sdss.sdss_section, params)  # the schema + cross-field checks
         queries = only_galpipe_errors(sdss.build_queries, params)
+        assert (queries is None) == (section is None)
         for sql in (queries or {}).values():
             _assert_plain_sql(sql)
         for kwargs in ({"top": 10}, {"top": top, "after_objid": after}):
-            sql = only_galpipe_errors(sdss.build_page_sql, params, label, **kwargs)
+            sql = only_galpipe_errors(sdss.build_page_sql, section if section is not None else params, label,
+                                      **kwargs)
             if sql is not None:
                 _assert_plain_sql(sql)
-        only_galpipe_errors(sdss.query_settings, params)
 
     check()

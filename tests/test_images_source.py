@@ -9,9 +9,11 @@ import pytest
 from astropy.io import fits
 from PIL import Image
 
-from galpipe.errors import DataError
-from galpipe.io import read_cutout
-from galpipe.sources.images import build_catalogue, load_image, make_cutouts, read_labels
+from galpipe.config import build_section, load_settings
+from galpipe.errors import ConfigError, DataError
+from galpipe.io.cutout_fits import read_cutout
+from galpipe.sources.base import CutoutCache, Source
+from galpipe.sources.images import ImagesSource, build_catalogue, load_image, make_cutouts, read_labels
 
 GZ1_MAP = {"elliptical": "elliptical", "spiral_cw": "spiral", "spiral_acw": "spiral", "edge_on": "spiral",
            "dont_know": None, "merger": None}
@@ -85,14 +87,14 @@ def test_make_cutouts_quarantines_and_resumes(tmp_path: Path) -> None:
     cat, prov = build_catalogue(params)
     assert prov["class_counts"] == {"x": 2, "y": 2}
     Path(cat["image_path"].iloc[0]).write_bytes(b"not an image")
-    out = tmp_path / "cut"
-    man = make_cutouts(cat, out, size=16, params=params)
+    out = CutoutCache(tmp_path / "cut")
+    man = make_cutouts(cat, out, size=16, crop_fraction=params["crop_fraction"])
     assert man["status"].tolist() == ["failed", "ok", "ok", "ok"]
     assert "corrupt" in man["reason"].iloc[0]
     c = read_cutout(man["path"].iloc[1])
     assert c.data.shape == (3, 16, 16) and c.bunit == "DN" and c.objid == 101
     mtimes = [Path(p).stat().st_mtime_ns for p in man["path"].iloc[1:]]
-    man2 = make_cutouts(cat, out, size=16, params=params)
+    man2 = make_cutouts(cat, out, size=16, crop_fraction=params["crop_fraction"])
     assert [Path(p).stat().st_mtime_ns for p in man2["path"].iloc[1:]] == mtimes
 
 
@@ -104,3 +106,41 @@ def test_real_gz1_labels(gz1_dir: Path) -> None:
     assert counts == {"elliptical": 2826, "spiral": 585 + 269 + 260}
     data, bunit, _ = load_image(df["image_path"].iloc[0], size=64, crop_fraction=0.5)
     assert data.shape == (3, 64, 64) and bunit == "DN" and data.max() > 50
+
+
+# --------------------------------------------------------------------------- the Source class
+def test_images_source_implements_the_interface(tmp_path: Path) -> None:
+    params = _folder(tmp_path)
+    cfg = load_settings({"source": "images", "images": params, "cutout_size": 16, "seed": 3})
+    src = ImagesSource(cfg)
+    assert isinstance(src, Source) and src.name == "images"
+    assert src.bands is None and src.crop_fraction == 0.8
+    # params: no bands (the files decide), as today's stage_config
+    assert src.params() == {"source": "images", "seed": 3, "images": cfg.images.to_dict(), "cutout_size": 16}
+    df, prov = src.catalogue()
+    assert df["objid"].tolist() == [100, 101, 103, 104]
+    assert "created_utc" not in prov and prov["class_counts"] == {"x": 2, "y": 2}
+    # the labels CSV, then every image the catalogue references (not the dropped 'skip' rows)
+    files = src.input_files()
+    assert files[0] == Path(params["labels_csv"])
+    assert files[1:] == sorted(Path(p) for p in df["image_path"])
+    assert all(f.is_file() for f in files) and len(files) == 5
+    man = src.make_cutouts(df, CutoutCache(tmp_path / "cut"))
+    assert (man["status"] == "ok").all()
+    # load_external makes exactly the pixels make_cutouts wrote
+    ext = ImagesSource.load_external(df["image_path"].iloc[1], size=16, crop_fraction=src.crop_fraction)
+    cut = read_cutout(man["path"].iloc[1])
+    np.testing.assert_array_equal(ext.data, cut.data)
+    assert ext.bands == ("red", "green", "blue") and ext.bunit == "DN"
+
+
+def test_input_files_without_a_labels_csv(tmp_path: Path) -> None:
+    cfg = load_settings({"source": "images", "images": {"directory": str(tmp_path),
+                                                        "labels_csv": str(tmp_path / "missing.csv")}})
+    assert ImagesSource(cfg).input_files() == [tmp_path / "missing.csv"]
+
+
+def test_images_source_needs_folder_and_csv() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'images\.directory'"):
+        load_settings({"source": "images"})
+    assert build_section("images").directory is None  # fine while another source is configured

@@ -48,7 +48,7 @@ from robust_fixtures import (
 )
 
 from galpipe.config import resolve_experiments, validate_config
-from galpipe.io import atomic_path, remove_stale_temps
+from galpipe.io.atomic import atomic_path, remove_stale_temps
 from galpipe.stages import experiment_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_kill_anywhere_then_rerun_gives_the_clean_outputs(
 # --------------------------------------------------------------------------- fast checks of the mechanisms
 _WRITER = """
 import sys, time
-from galpipe.io import atomic_path
+from galpipe.io.atomic import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half a file")
     print(tmp, flush=True)
@@ -218,7 +218,7 @@ def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path: Pat
     dead, dead_tmp = _start_writer(target)
     dead.kill()
     dead.wait()
-    code = f"from galpipe.io import atomic_write_text; atomic_write_text({str(target)!r}, 'ok')"
+    code = f"from galpipe.io.atomic import atomic_write_text; atomic_write_text({str(target)!r}, 'ok')"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert target.read_text() == "ok"
     assert sorted(p.name for p in target.parent.iterdir()) == ["table.parquet"], list(target.parent.iterdir())
@@ -247,7 +247,7 @@ def test_killed_between_last_checkpoint_and_save_resumes_to_identical_weights(
 ) -> None:
     """The narrowest train window: every epoch checkpointed, the model not yet saved."""
     import galpipe.nn.persist as persist
-    from galpipe.experiment import train_experiment
+    from galpipe.stages.train import run as train_experiment
 
     x, y = synthetic_galaxies(96, size=12, channels=2, seed=1)
     train = write_split_parquet(tmp_path / "train.parquet", x[:64], y[:64], bands=("g", "r"))

@@ -7,8 +7,6 @@ augmentation: digits have an orientation (a rotated 6 is a 9).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import yaml
@@ -38,8 +36,12 @@ epochs: 12
 batch_size: 32
 optimizer: adam
 lr: 0.003
-schedule: {type: cosine}
+schedule: {type: cosine, warmup_epochs: 0}
 early_stopping_patience: 4
+augment: false          # digits are not rotation- or shift-invariant
+weight_decay: 0.0
+grad_clip: null
+class_weighting: none
 seed: 0
 """
 
@@ -53,18 +55,15 @@ def test_digits_cnn_reaches_97_percent():
     x_fit, x_val, y_fit, y_val = train_test_split(
         x_tr, y_tr, test_size=0.1, stratify=y_tr, random_state=0
     )
-    t0 = time.perf_counter()
     model = build_model(yaml.safe_load(ARCH), (8, 8, 1), seed=0)
     cfg = TrainConfig.from_dict(yaml.safe_load(TRAIN))
     hist = fit(model, ArrayDataset(x_fit, y_fit), ArrayDataset(x_val, y_val), cfg,
                progress=False, log=print)
     res = predict_proba(model, x_te)
-    elapsed = time.perf_counter() - t0
     acc = float(np.mean(res.pred == y_te))
     print(f"digits: test accuracy {acc:.4f} after {len(hist)} epochs (best {hist.best_epoch}) "
-          f"in {elapsed:.1f} s; {model.n_params()} parameters")
-    assert acc >= 0.97
-    assert elapsed < 120
+          f"with {model.n_params()} parameters")
+    assert acc >= 0.97  # its training time is measured by benchmarks/bench_digits.py
     # confident on what it gets right, uncertain on what it gets wrong
     right = res.pred == y_te
     assert res.entropy[right].mean() < res.entropy[~right].mean()

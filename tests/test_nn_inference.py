@@ -79,13 +79,13 @@ def test_tta_equals_plain_on_rotation_invariant_model(x):
 def test_mc_dropout_spread_only_with_dropout(x):
     model = build_model(CNN, (8, 8, 2), seed=1)
     _trained_bn(model, x)
-    buffers = {k: v.copy() for k, v in model.buffers().items()}
+    buffers = {k: v.copy() for k, v in model.state.items()}
     res = predict_proba(model, x, mc_dropout=12, seed=3, batch_size=20)
     assert res.std.shape == (45, 3) and np.all(res.std >= 0) and res.std.max() > 1e-3
     assert np.all(res.mutual_info >= 0) and res.mutual_info.max() > 0
     np.testing.assert_allclose(res.proba.sum(1), 1.0)
     # BatchNorm stayed in inference mode: its running statistics did not move
-    for k, v in model.buffers().items():
+    for k, v in model.state.items():
         np.testing.assert_array_equal(v, buffers[k], err_msg=k)
     # reproducible for a seed, different for another
     again = predict_proba(model, x, mc_dropout=12, seed=3, batch_size=20)
@@ -113,6 +113,20 @@ def test_mc_dropout_context_restores_on_error(x):
         b = model.forward(x, training=False)
         assert not np.array_equal(a, b)
         raise RuntimeError
+    np.testing.assert_array_equal(model.forward(x), model.forward(x))
+
+
+def test_mc_dropout_is_an_explicit_mode(x):
+    """Dropout reads its declared ``mc_sampling`` flag; nothing is patched on the layer."""
+    model = build_model(CNN, (8, 8, 2), seed=1)
+    layer = dropout_layers(model)[0]
+    assert layer.mc_sampling is False
+    with mc_dropout_active(model):
+        assert layer.mc_sampling is True and "forward" not in vars(layer)
+    assert layer.mc_sampling is False
+    model.set_mc_dropout(True)
+    assert not np.array_equal(model.forward(x), model.forward(x))
+    model.set_mc_dropout(False)
     np.testing.assert_array_equal(model.forward(x), model.forward(x))
 
 

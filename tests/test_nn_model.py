@@ -34,20 +34,20 @@ SMALL = [
 
 def test_parameter_names_shapes_and_live_arrays() -> None:
     model = build_model(SMALL, (8, 8, 3), seed=0)
-    params = model.parameters()
+    params = model.params
     assert list(params) == ["0.conv2d.W", "0.conv2d.b", "3.conv2d.W", "3.conv2d.b",
                             "6.dense.W", "6.dense.b"]
     assert params["0.conv2d.W"].shape == (3, 3, 3, 4)
     assert params["3.conv2d.W"].shape == (3, 3, 4, 8)
     assert params["6.dense.W"].shape == (2 * 2 * 8, 3)
     assert all(p.dtype == np.float32 for p in params.values())
-    assert list(model.gradients()) == list(params)
+    assert list(model.grads) == list(params)
     # live: modifying the returned array changes the layer
     params["6.dense.b"][...] = 7.0
     assert np.all(model.layers[6].params["b"] == 7.0)
     assert model.input_shape == (8, 8, 3)
     assert model.output_shape == (3,)
-    assert model.buffers() == {}
+    assert model.state == {}
 
 
 def test_hand_computed_param_count_and_summary_totals() -> None:
@@ -70,9 +70,9 @@ def test_same_seed_same_weights_other_seed_differs() -> None:
     a = build_model(SMALL, (8, 8, 3), seed=11)
     b = build_model(SMALL, (8, 8, 3), seed=11)
     c = build_model(SMALL, (8, 8, 3), seed=12)
-    for k, v in a.parameters().items():
-        np.testing.assert_array_equal(v, b.parameters()[k])
-    assert not np.array_equal(a.parameters()["0.conv2d.W"], c.parameters()["0.conv2d.W"])
+    for k, v in a.params.items():
+        np.testing.assert_array_equal(v, b.params[k])
+    assert not np.array_equal(a.params["0.conv2d.W"], c.params["0.conv2d.W"])
 
 
 def test_repeat_expansion() -> None:
@@ -106,10 +106,32 @@ def test_model_config_round_trip_through_registry() -> None:
     assert isinstance(clone, Sequential)
     assert clone.get_config() == cfg
     clone.build((8, 8, 3), np.random.default_rng(4))
-    for k, v in model.parameters().items():
-        np.testing.assert_array_equal(v, clone.parameters()[k])
-    assert "3.residual.proj.0.conv2d.W" in model.parameters()
-    assert "3.residual.body.1.batchnorm.running_mean" in model.buffers()
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(v, clone.params[k])
+    assert "3.residual.proj.0.conv2d.W" in model.params
+    assert "3.residual.body.1.batchnorm.running_mean" in model.state
+
+
+def test_get_config_follows_the_constructor_signature() -> None:
+    import inspect
+
+    from galpipe.nn import LAYERS, LayerProtocol, layer_from_spec, register
+
+    args = {"conv2d": {"filters": 2}, "dense": {"units": 2},
+            "sequential": None, "residual": None}  # containers: their own config
+    for name, cls in LAYERS.items():
+        if not cls.__module__.startswith("galpipe.nn.") or args.get(name, {}) is None:
+            continue
+        layer = layer_from_spec({"type": name, **args.get(name, {})})
+        assert isinstance(layer, LayerProtocol)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "name"}
+        cfg = layer.get_config()
+        assert set(cfg) == {"type"} | accepted, name
+        assert layer_from_spec(cfg).get_config() == cfg
+    named = layer_from_spec({"type": "dropout", "rate": 0.25, "name": "drop"})
+    assert named.get_config() == {"type": "dropout", "rate": 0.25, "name": "drop"}
+    with pytest.raises(ModelError, match="not a subclass of Layer"):
+        register("not_a_layer")(object)  # type: ignore[arg-type]
 
 
 def test_shape_error_names_the_layer_and_shapes() -> None:
@@ -178,10 +200,10 @@ def test_backward_without_input_grad_returns_none_and_same_param_grads() -> None
     model.forward(x, training=True)
     dx = model.backward(d)
     assert dx is not None and dx.shape == x.shape
-    grads = {k: g.copy() for k, g in model.gradients().items()}
+    grads = {k: g.copy() for k, g in model.grads.items()}
     model.forward(x, training=True)
     assert model.backward(d, input_grad=False) is None
-    for k, g in model.gradients().items():
+    for k, g in model.grads.items():
         np.testing.assert_array_equal(g, grads[k])
 
 
@@ -196,14 +218,14 @@ def test_small_convnet_memorises_random_labels() -> None:
         "flatten", {"type": "dense", "units": 32}, "relu", {"type": "dense", "units": 3},
     ]
     model = build_model(spec, (16, 16, 3), seed=0)
-    opt = Adam(model.parameters(), lr=3e-3)
+    opt = Adam(model.params, lr=3e-3)
     loss = SoftmaxCrossEntropy()
     first = None
     for _ in range(150):
         value = loss.forward(model.forward(x, training=True), y)
         first = value if first is None else first
         model.backward(loss.backward(), input_grad=False)
-        opt.step(model.gradients())
+        opt.step(model.grads)
     final = loss.forward(model.forward(x), y)
     assert first > 0.9
     assert final < 0.02
@@ -217,10 +239,10 @@ def test_backward_after_inference_forward_matches_training_forward() -> None:
     d = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
     model.forward(x, training=False)
     dx_eval = model.backward(d)
-    grads_eval = {k: g.copy() for k, g in model.gradients().items()}
+    grads_eval = {k: g.copy() for k, g in model.grads.items()}
     model.forward(x, training=True)
     np.testing.assert_array_equal(dx_eval, model.backward(d))
-    for k, g in model.gradients().items():
+    for k, g in model.grads.items():
         np.testing.assert_array_equal(grads_eval[k], g)
 
 
@@ -240,7 +262,7 @@ def test_worker_threads_survive_fork() -> None:
         model = build_model(SMALL, (8, 8, 3), seed=0)
         x = np.random.default_rng(0).standard_normal((64, 8, 8, 3)).astype(np.float32)
         expected = model.forward(x)
-        import galpipe.nn.base as nn_base
+        import galpipe.nn.fast.threads as nn_base
 
         assert nn_base._EXECUTOR is not None  # the parent's worker pool exists
         ctx = multiprocessing.get_context("fork")

@@ -34,7 +34,7 @@ def trained(tmp_path: Path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 8, 8, 3)).astype(np.float32)
     model.forward(x, training=True)  # moves the BatchNorm running statistics
-    for p in model.parameters().values():
+    for p in model.params.values():
         p += rng.standard_normal(p.shape).astype(p.dtype) * 0.01
     out = tmp_path / "model"
     save_model(model, out, metadata=META)
@@ -47,9 +47,9 @@ def test_round_trip_bit_identical(trained) -> None:
     assert meta == META
     np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
     assert loaded.spec == model.spec
-    for k, v in model.buffers().items():
-        np.testing.assert_array_equal(loaded.buffers()[k], v)
-    assert any(not np.all(b == 0) for b in loaded.buffers().values())
+    for k, v in model.state.items():
+        np.testing.assert_array_equal(loaded.state[k], v)
+    assert any(not np.all(b == 0) for b in loaded.state.values())
 
 
 def test_files_are_plain_json_and_npz(trained) -> None:
@@ -64,8 +64,8 @@ def test_files_are_plain_json_and_npz(trained) -> None:
     with np.load(out / "weights.npz", allow_pickle=False) as npz:
         keys = set(npz.files)
         assert all(npz[k].dtype == np.float32 for k in keys)
-    assert keys == {f"param:{k}" for k in model.parameters()} | {
-        f"buffer:{k}" for k in model.buffers()
+    assert keys == {f"param:{k}" for k in model.params} | {
+        f"buffer:{k}" for k in model.state
     }
     # no temporary files left behind by the atomic writes
     assert not list(out.glob("*.tmp"))
@@ -129,3 +129,30 @@ def test_npz_is_a_zip_of_npy_files(trained) -> None:
     _, _, out = trained
     with zipfile.ZipFile(out / "weights.npz") as zf:
         assert all(name.endswith(".npy") for name in zf.namelist())
+
+
+def test_integer_weights_are_refused_naming_file_and_array(trained) -> None:
+    _, _, out = trained
+    _rewrite_npz(out / "weights.npz",
+                 lambda a: a.__setitem__("param:7.dense.b", np.zeros(3, dtype=np.int32)))
+    with pytest.raises(ModelError, match=r"weights\.npz.*dtype mismatches: param:7\.dense\.b: "
+                                         r"expected float32, got int32"):
+        load_model(out)
+
+
+def test_one_array_loader_serves_weights_optimizer_and_checkpoints() -> None:
+    """galpipe.nn.arrays is the single reader/checker (allow_pickle=False)."""
+    import inspect
+
+    import galpipe.nn.optim as optim
+    import galpipe.nn.persist as persist
+    import galpipe.nn.training as training
+    from galpipe.nn.arrays import check_arrays
+
+    for module in (persist, optim, training):
+        code = inspect.getsource(module).replace(module.__doc__ or "", "")
+        assert "np.load(" not in code and "allow_pickle" not in code
+        assert "galpipe.nn.arrays import" in code
+    with pytest.raises(ModelError, match=r"opt state does not match.*missing keys \['b'\].*"
+                                         r"shape mismatches: a: expected \(2,\), got \(3,\)"):
+        check_arrays({"a": np.zeros(3)}, {"a": np.zeros(2), "b": np.zeros(1)}, where="opt state")

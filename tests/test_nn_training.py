@@ -53,8 +53,8 @@ def _model(seed: int = 0):
 
 
 def _weights(model) -> dict[str, np.ndarray]:
-    out = {f"p:{k}": v.copy() for k, v in model.parameters().items()}
-    out.update({f"b:{k}": v.copy() for k, v in model.buffers().items()})
+    out = {f"p:{k}": v.copy() for k, v in model.params.items()}
+    out.update({f"b:{k}": v.copy() for k, v in model.state.items()})
     return out
 
 
@@ -65,12 +65,37 @@ def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+#: The plain settings these tests were written for (no schedule, augmentation, clipping,
+#: weighting or decay unless a test asks); the schema's defaults are for the pipeline.
+PLAIN = {"schedule": {"type": "constant", "warmup_epochs": 0}, "augment": False, "max_shift": 0,
+         "grad_clip": None, "class_weighting": "none", "weight_decay": 0.0, "early_stopping_patience": 0}
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig.from_dict({**PLAIN, **kw})
+
+
 # --------------------------------------------------------------------------- config
+def test_config_takes_the_schema_defaults():
+    from galpipe.config import load_schema
+
+    props = load_schema()["$defs"]["training"]["properties"]
+    cfg = TrainConfig.from_dict({})
+    for key, sub in props.items():
+        if key != "schedule":
+            assert getattr(cfg, key) == sub["default"], key
+    assert cfg.schedule["warmup_epochs"] == props["schedule"]["properties"]["warmup_epochs"]["default"]
+    assert cfg.seed == 42  # the schema's top-level seed
+    assert cfg.optimizer_kwargs == {} and TrainConfig.from_dict({"optimizer": "sgd"}).optimizer_kwargs == {
+        "momentum": 0.9, "nesterov": False}
+    assert cfg.schedule_spec == {"type": "cosine", "warmup_epochs": 1, "min_lr": 0.0}
+
+
 def test_config_rejects_unknown_and_bad_values():
     cfg = TrainConfig.from_dict({"epochs": 3, "lr": 0.01, "schedule": {"type": "cosine"}})
     assert cfg.epochs == 3 and cfg.optimizer == "adam"
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match=r"'epoch'.*did you mean 'epochs'"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'epoch'.*allowed keys:.*epochs"):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ConfigError, match="'bogus'"):
         TrainConfig.from_dict({"bogus": 1, "lr": 0.1})
@@ -120,8 +145,8 @@ def test_learns_synthetic_problem(splits, tmp_path):
     tr, va = ParquetImageDataset(splits[0]), ParquetImageDataset(splits[1])
     model = _model()
     lines: list[str] = []
-    cfg = TrainConfig(epochs=8, batch_size=32, lr=0.01, augment=True, max_shift=1,
-                      schedule={"type": "cosine"}, grad_clip=5.0, shuffle_buffer=120, seed=1)
+    cfg = _cfg(epochs=8, batch_size=32, lr=0.01, augment=True, max_shift=1,
+               schedule={"type": "cosine", "warmup_epochs": 0}, grad_clip=5.0, shuffle_buffer=120, seed=1)
     hist = fit(model, tr, va, cfg, progress=True, log=lines.append)
     assert len(hist) == 8 and hist.epoch == list(range(1, 9))
     assert len(lines) == 8 and lines[0].startswith("epoch 1/8")
@@ -141,7 +166,7 @@ def test_learns_synthetic_problem(splits, tmp_path):
 def test_same_seed_identical_weights_different_seed_differs(splits):
     tr = ParquetImageDataset(splits[0])
     va = ParquetImageDataset(splits[1])
-    cfg = {"epochs": 2, "batch_size": 40, "lr": 0.01, "augment": True, "seed": 5,
+    cfg = {**PLAIN, "epochs": 2, "batch_size": 40, "lr": 0.01, "augment": True, "seed": 5,
            "shuffle_buffer": 100}
     runs = []
     for seed in (5, 5, 6):
@@ -149,8 +174,8 @@ def test_same_seed_identical_weights_different_seed_differs(splits):
         fit(model, tr, va, {**cfg, "seed": seed}, progress=False, log=lambda s: None)
         runs.append(_weights(model))
     _assert_same(runs[0], runs[1])
-    assert not np.array_equal(runs[0]["p:" + next(iter(_model().parameters()))],
-                              runs[2]["p:" + next(iter(_model().parameters()))])
+    assert not np.array_equal(runs[0]["p:" + next(iter(_model().params))],
+                              runs[2]["p:" + next(iter(_model().params))])
 
 
 class _Killed(Exception):
@@ -158,10 +183,10 @@ class _Killed(Exception):
 
 
 def test_resume_is_bit_identical(splits, tmp_path):
-    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.005, augment=True, max_shift=1,
-                      schedule={"type": "cosine"}, label_smoothing=0.05,
-                      class_weighting="balanced", shuffle_buffer=90, seed=3, grad_clip=2.0,
-                      optimizer="adamw", weight_decay=1e-3)
+    cfg = _cfg(epochs=4, batch_size=32, lr=0.005, augment=True, max_shift=1,
+               schedule={"type": "cosine"}, label_smoothing=0.05,
+               class_weighting="balanced", shuffle_buffer=90, seed=3, grad_clip=2.0,
+               optimizer="adamw", weight_decay=1e-3)
     straight = _model()
     h_straight = fit(straight, ParquetImageDataset(splits[0]), ParquetImageDataset(splits[1]),
                      cfg, checkpoint_dir=tmp_path / "a", progress=False, log=lambda s: None)
@@ -202,10 +227,10 @@ def test_resume_is_bit_identical(splits, tmp_path):
 
 def test_checkpoint_mismatch_and_corruption(splits, tmp_path):
     tr, va = ParquetImageDataset(splits[0]), ParquetImageDataset(splits[1])
-    cfg = TrainConfig(epochs=1, batch_size=60, lr=0.01)
+    cfg = _cfg(epochs=1, batch_size=60, lr=0.01)
     fit(_model(), tr, va, cfg, checkpoint_dir=tmp_path, progress=False, log=lambda s: None)
     with pytest.raises(ConfigError, match=r"different training config.*'lr'"):
-        fit(_model(), tr, va, TrainConfig(epochs=1, batch_size=60, lr=0.02),
+        fit(_model(), tr, va, _cfg(epochs=1, batch_size=60, lr=0.02),
             checkpoint_dir=tmp_path, progress=False, log=lambda s: None)
     other = build_model([*SPEC[:-2], {"type": "dense", "units": 3}], (12, 12, 2), seed=0)
     with pytest.raises(ModelError, match="different model architecture"):
@@ -219,14 +244,14 @@ def test_checkpoint_mismatch_and_corruption(splits, tmp_path):
 def test_early_stopping_restores_best_epoch(splits):
     tr, va = ParquetImageDataset(splits[0]), ParquetImageDataset(splits[1])
     # min_delta is huge: only the first epoch counts as an improvement
-    cfg = dict(epochs=20, batch_size=36, lr=0.01, early_stopping_patience=2, min_delta=100.0,
+    cfg = dict(PLAIN, epochs=20, batch_size=36, lr=0.01, early_stopping_patience=2, min_delta=100.0,
                seed=2)
     stopped = _model()
     hist = fit(stopped, tr, va, cfg, progress=False, log=lambda s: None)
     assert hist.stopped_early and len(hist) == 3 and hist.best_epoch == 1
     # the restored weights are exactly those after epoch 1 (constant lr: no schedule)
     one = _model()
-    fit(one, tr, va, {**cfg, "epochs": 1, "early_stopping_patience": None}, progress=False,
+    fit(one, tr, va, {**cfg, "epochs": 1, "early_stopping_patience": 0}, progress=False,
         log=lambda s: None)
     _assert_same(_weights(stopped), _weights(one))
     # balanced-accuracy criterion: higher is better
@@ -249,7 +274,7 @@ def test_class_weighting_balanced_helps_minority():
     preds = {}
     for weighting in ("none", "balanced"):
         model = build_model(spec, (4,), seed=0)
-        hist = fit(model, ds, ds, {"epochs": 15, "batch_size": 50, "lr": 0.05,
+        hist = fit(model, ds, ds, {**PLAIN, "epochs": 15, "batch_size": 50, "lr": 0.05,
                                    "class_weighting": weighting}, progress=False,
                    log=lambda s: None)
         preds[weighting] = np.argmax(model.forward(x), axis=1)

@@ -28,21 +28,22 @@ import pytest
 import yaml
 from PIL import Image
 
-from galpipe.catalogue import read_metadata
 from galpipe.cli import main
 from galpipe.config import resolve_experiments, validate_config
-from galpipe.experiment import evaluate_experiment, train_experiment
-from galpipe.io import write_cutout
+from galpipe.io.cutout_fits import write_cutout
+from galpipe.io.parquet import read_metadata
 from galpipe.nn.persist import load_model
 from galpipe.stages import (
-    catalogue_stage,
     cutout_cache_dir,
-    cutouts_stage,
     experiment_params,
-    normalise_stage,
-    split_stage,
-    stage_config,
+    stage_params,
 )
+from galpipe.stages.catalogue import run as run_catalogue
+from galpipe.stages.cutouts import run as run_cutouts
+from galpipe.stages.evaluate import run as evaluate_experiment
+from galpipe.stages.normalise import run as run_normalise
+from galpipe.stages.split import run as run_split
+from galpipe.stages.train import run as train_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = {"epochs": 4, "batch_size": 16, "lr": 0.01, "early_stopping_patience": 0}
@@ -63,18 +64,18 @@ def _pipeline(wd: Path, raw: dict[str, Any]) -> SimpleNamespace:
     (wd / "config.yaml").write_text(yaml.safe_dump(raw))
     r = wd / "results"
     cache = cutout_cache_dir(cfg, root=wd / "resources" / "cutouts")
-    catalogue_stage(stage_config(cfg, "catalogue"), r / "catalogue.parquet", [r / "shard.parquet"])
-    cutouts_stage(stage_config(cfg, "cutouts"), r / "shard.parquet", r / "manifest.parquet", cache)
-    normalise_stage(stage_config(cfg, "normalise"), r / "manifest.parquet", r / "shard.parquet",
+    run_catalogue(stage_params(cfg, "catalogue"), r / "catalogue.parquet", [r / "shard.parquet"])
+    run_cutouts(stage_params(cfg, "cutouts"), r / "shard.parquet", r / "manifest.parquet", cache)
+    run_normalise(stage_params(cfg, "normalise"), r / "manifest.parquet", r / "shard.parquet",
                     r / "normalised.parquet", r / "rejects.parquet")
     splits = {s: r / "split" / f"{s}.parquet" for s in ("train", "validation", "test")}
-    split_stage(stage_config(cfg, "split"), [r / "normalised.parquet"], splits, r / "split" / "summary.json")
+    run_split(stage_params(cfg, "split"), [r / "normalised.parquet"], splits, r / "split" / "summary.json")
     (name, exp), = resolve_experiments(cfg, [REPO / "config" / "architectures"]).items()
     model = r / "models" / name
     train_experiment(experiment_params(cfg, exp), splits["train"], splits["validation"], model / "model.json",
                      name=name, checkpoint_root=wd / "checkpoints", progress=False)
     ev = r / "evaluation" / name
-    metrics = evaluate_experiment(stage_config(cfg, "evaluate"), model / "model.json", splits["test"],
+    metrics = evaluate_experiment(stage_params(cfg, "evaluate"), model / "model.json", splits["test"],
                                   ev / "metrics.json", ev / "predictions.parquet", ev / "figures",
                                   history=model / "history.csv")
     preds = pd.read_parquet(ev / "predictions.parquet").set_index("objid")
@@ -427,7 +428,7 @@ def test_wrong_channel_count_and_empty_folder(sim: SimpleNamespace, tmp_path: Pa
     assert "--config" in _fails(capsys, "predict", "--model", sim.model, cat, "--output", tmp_path / "e.csv")
     pd.read_parquet(sim.catalogue).head(2).drop(columns=["label"]).to_csv(cat, index=False)
     err = _fails(capsys, "predict", "--model", sim.model, cat, "--config", sim.config, "--output", tmp_path / "e.csv")
-    assert f"catalogue {cat}: missing column 'label'" in err
+    assert f"catalogue {cat}: missing column(s) ['label']; the simulated source reads" in err
     assert not (tmp_path / "e.csv").exists()
 
 

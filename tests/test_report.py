@@ -29,6 +29,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,80 @@ TINY = {
     },
     "evaluate": {"n_bootstrap": 20, "gallery_size": 4},
 }
+
+
+# --------------------------------------------------------------------------- the leaderboard page
+class _Table(HTMLParser):
+    """Header texts and body cells ``(class, text)`` of the ``<table id="leaderboard">``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[str | None] = []
+        self.head: list[str] = []
+        self.rows: list[list[tuple[str | None, str]]] = []
+        self._cell: list[str] | None = None
+        self._cls: str | None = None
+        self._in_head = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append(dict(attrs).get("id"))
+        elif tag == "thead":
+            self._in_head = True
+        elif tag == "tr" and not self._in_head:
+            self.rows.append([])
+        elif tag in ("th", "td"):
+            self._cell, self._cls = [], dict(attrs).get("class")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "thead":
+            self._in_head = False
+        elif tag in ("th", "td") and self._cell is not None:
+            text = "".join(self._cell)
+            if tag == "th":
+                self.head.append(text)
+            else:
+                self.rows[-1].append((self._cls, text))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _parse_table(page: str) -> _Table:
+    table = _Table()
+    table.feed(page)
+    table.close()
+    assert table.tables == ["leaderboard"], table.tables
+    return table
+
+
+def test_leaderboard_html_columns_cells_and_escaping() -> None:
+    from galpipe.stages.leaderboard import leaderboard_html
+
+    df = pd.DataFrame({
+        "rank": [1, 2], "experiment": ["wide_cnn", "<script>alert(1)</script>"], "inputs": ["image", "features"],
+        "balanced_accuracy": [0.8766, 0.5], "balanced_accuracy_ci_low": [0.85, np.nan],
+        "balanced_accuracy_ci_high": [0.9, np.nan], "ece": [np.nan, 0.25], "n_params": [123456, 99],
+        "train_seconds": [12.345, 1.0], "description": ['one conv <b>&</b> "pool"', ""],
+    })
+    page = leaderboard_html(df)
+    assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</html>\n")
+    table = _parse_table(page)
+    # only the known columns present in the frame, in the fixed order
+    assert table.head == ["rank", "experiment", "inputs", "balanced accuracy", "ECE", "parameters",
+                          "training time (s)", "description"]
+    assert table.rows == [
+        [("num", "1"), (None, "wide_cnn"), (None, "image"), ("num", "0.877[0.850, 0.900]"), ("num", "\u2013"),
+         ("num", "123,456"), ("num", "12.35"), ("text", 'one conv <b>&</b> "pool"')],
+        [("num", "2"), (None, "<script>alert(1)</script>"), (None, "features"), ("num", "0.500"), ("num", "0.250"),
+         ("num", "99"), ("num", "1.00"), ("text", "")],
+    ]
+    # the text came back as text because it was escaped (autoescaping), not as markup
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "one conv &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>" not in page
+    assert "0.877<br><small>[0.850, 0.900]</small>" in page
 
 
 # --------------------------------------------------------------------------- the tiny run
@@ -113,6 +188,13 @@ def test_run_writes_every_figure_and_the_html_leaderboard(run_dir: Path) -> None
     cells = re.findall(r"<tr><td class=\"num\">(\d+)</td><td>([^<]*)</td>", html)
     assert [(int(r), e) for r, e in cells] == list(zip(lb["rank"], lb["experiment"], strict=True))
     assert "one conv layer &lt;b&gt;&amp;&lt;/b&gt; pooling" in html  # descriptions are escaped
+    table = _parse_table(html)
+    ba = table.head.index("balanced accuracy")
+    for row, rec in zip(table.rows, lb.to_dict("records"), strict=True):
+        expected = (f"{rec['balanced_accuracy']:.3f}[{rec['balanced_accuracy_ci_low']:.3f}, "
+                    f"{rec['balanced_accuracy_ci_high']:.3f}]")
+        assert row[ba] == ("num", expected), (row, rec)
+    assert ("text", "one conv layer <b>&</b> pooling") in table.rows[list(lb["experiment"]).index("tiny_cnn")]
 
 
 def test_report_declares_categories_labels_and_rendered_captions(run_dir: Path) -> None:

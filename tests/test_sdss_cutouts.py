@@ -17,11 +17,13 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from PIL import Image
 
+from galpipe.config import load_settings
 from galpipe.errors import ConfigError, DataError
-from galpipe.io import read_cutout
-from galpipe.sources.fakeserver import FakeSkyServer
-from galpipe.sources.sdss import query_catalogue
+from galpipe.io.cutout_fits import read_cutout
+from galpipe.sources.base import CutoutCache, Source
+from galpipe.sources.sdss import SdssSource, query_catalogue
 from galpipe.sources.sdss_cutouts import FrameCache, fetch_cutouts, frame_url, jpeg_url
+from galpipe.testing.fakeserver import FakeSkyServer
 
 BANDS = ["g", "r", "i"]
 SIZE = 24
@@ -55,7 +57,7 @@ def frames_run(
     root = tmp_path_factory.mktemp("frames")
     srv.clear_log()
     manifest = fetch_cutouts(catalogue, root / "out", bands=BANDS, size=SIZE,
-                             params=srv.params(), cache_dir=root / "cache")
+                             sdss=srv.params(), frame_cache_dir=root / "cache")
     return {"root": root, "manifest": manifest, "log": srv.log}
 
 
@@ -146,7 +148,7 @@ def test_rerun_skips_and_refetches_only_what_is_missing(
     frames_run: dict[str, Any], catalogue: pd.DataFrame, srv: FakeSkyServer
 ) -> None:
     root = frames_run["root"]
-    kwargs = dict(bands=BANDS, size=SIZE, params=srv.params(), cache_dir=root / "cache")
+    kwargs = dict(bands=BANDS, size=SIZE, sdss=srv.params(), frame_cache_dir=root / "cache")
     srv.clear_log()
     man = fetch_cutouts(catalogue, root / "out", **kwargs)
     assert srv.log == [] and man.attrs["stats"]["skipped_existing"] == len(catalogue)
@@ -201,8 +203,8 @@ def test_jpeg_provider_fixed_and_petro_scale(
     rgb = ["red", "green", "blue"]
     srv.clear_log()
     params = srv.params(cutouts={"provider": "skyserver-jpeg"})
-    man = fetch_cutouts(catalogue, tmp_path / "fixed", bands=rgb, size=32, params=params,
-                        cache_dir=tmp_path / "cache")
+    man = fetch_cutouts(catalogue, tmp_path / "fixed", bands=rgb, size=32, sdss=params,
+                        frame_cache_dir=tmp_path / "cache")
     assert (man["status"] == "ok").all() and (man["n_filled"] == 0).all()
     log = srv.log
     assert len(log) == len(catalogue) and {e["endpoint"] for e in log} == {"jpeg"}
@@ -218,8 +220,8 @@ def test_jpeg_provider_fixed_and_petro_scale(
 
     srv.clear_log()
     params = srv.params(cutouts={"provider": "skyserver-jpeg", "jpeg_scale_mode": "petro"})
-    man = fetch_cutouts(catalogue, tmp_path / "petro", bands=rgb, size=32, params=params,
-                        cache_dir=tmp_path / "cache")
+    man = fetch_cutouts(catalogue, tmp_path / "petro", bands=rgb, size=32, sdss=params,
+                        frame_cache_dir=tmp_path / "cache")
     assert (man["status"] == "ok").all()
     by_ra = {f"{r:.8f}": r90 for r, r90 in zip(catalogue["ra"], catalogue["petroR90_r"],
                                                strict=True)}
@@ -230,13 +232,13 @@ def test_jpeg_provider_fixed_and_petro_scale(
     headers = [read_cutout(p).header["PIXSCALE"] for p in man["path"]]
     assert len(set(headers)) > 1
 
-    with pytest.raises(ConfigError, match="red"):
-        fetch_cutouts(catalogue, tmp_path / "x", bands=BANDS, size=32, params=params,
-                      cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="red"):  # a library call; a config is checked at validation
+        fetch_cutouts(catalogue, tmp_path / "x", bands=BANDS, size=32, sdss=params,
+                      frame_cache_dir=tmp_path / "cache")
 
 
 def test_bad_inputs(srv: FakeSkyServer, catalogue: pd.DataFrame, tmp_path: Path) -> None:
-    kwargs: dict[str, Any] = dict(size=SIZE, params=srv.params(), cache_dir=tmp_path / "c")
+    kwargs: dict[str, Any] = dict(size=SIZE, sdss=srv.params(), frame_cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match="field"):
         fetch_cutouts(catalogue.drop(columns=["field"]), tmp_path / "o", bands=BANDS, **kwargs)
     with pytest.raises(DataError, match="more than once"):
@@ -246,15 +248,70 @@ def test_bad_inputs(srv: FakeSkyServer, catalogue: pd.DataFrame, tmp_path: Path)
         fetch_cutouts(catalogue, tmp_path / "o", bands=["g", "y"], **kwargs)
     with pytest.raises(ConfigError, match=r"sdss\.cutouts\.provider"):
         fetch_cutouts(catalogue, tmp_path / "o", bands=BANDS, size=SIZE,
-                      params=srv.params(cutouts={"provider": "ftp"}), cache_dir=tmp_path)
+                      sdss=srv.params(cutouts={"provider": "ftp"}), frame_cache_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"sdss\.download\.concurrency"):
         fetch_cutouts(catalogue, tmp_path / "o", bands=BANDS, size=SIZE,
-                      params=srv.params(download={"concurrency": "8"}), cache_dir=tmp_path)
+                      sdss=srv.params(download={"concurrency": "8"}), frame_cache_dir=tmp_path)
     # a galaxy whose position is not on its field's frames fails with a reason
     moved = catalogue.head(4).copy()
     moved.loc[moved.index[0], "ra"] += 1.0
-    man = fetch_cutouts(moved, tmp_path / "moved", bands=BANDS,
-                        params=srv.params(download={"max_failure_fraction": 0.5}),
-                        size=SIZE, cache_dir=tmp_path / "c")
+    man = fetch_cutouts(moved, tmp_path / "moved", bands=BANDS, sdss=srv.params(),
+                        size=SIZE, frame_cache_dir=tmp_path / "c")
     assert man["status"].tolist() == ["failed", "ok", "ok", "ok"]
     assert "outside the frames" in man["reason"][0] and man["n_filled"][0] == -1
+    # every galaxy failing is no error here either: the cutouts stage applies max_reject_fraction
+    lost = catalogue.head(3).copy()
+    lost["ra"] += 1.0
+    man = fetch_cutouts(lost, tmp_path / "lost", bands=BANDS, sdss=srv.params(), size=SIZE,
+                        frame_cache_dir=tmp_path / "c")
+    assert (man["status"] == "failed").all() and man["reason"].str.contains("outside the frames").all()
+
+
+# --------------------------------------------------------------------------- the Source class and the shared cache
+def test_sdss_source_fetches_into_the_shared_cache(
+    srv: FakeSkyServer, catalogue: pd.DataFrame, tmp_path: Path
+) -> None:
+    cfg = load_settings({"source": "sdss", "bands": BANDS, "cutout_size": SIZE, "sdss": srv.params()})
+    src = SdssSource(cfg, frame_cache_dir=tmp_path / "frames")
+    assert isinstance(src, Source)
+    cache = CutoutCache(tmp_path / "cutouts")
+    man = src.make_cutouts(catalogue.head(5), cache)
+    assert (man["status"] == "ok").all()
+    assert man["path"].tolist() == [str(cache.path(o)) for o in catalogue["objid"].head(5)]
+    assert list((tmp_path / "frames").rglob("*.fits.bz2"))
+    # a rerun reuses what CutoutCache.load_valid accepts, keeping each galaxy's NFILLED
+    srv.clear_log()
+    again = src.make_cutouts(catalogue.head(5), cache)
+    assert srv.log == [] and again.attrs["stats"]["skipped_existing"] == 5
+    pd.testing.assert_frame_equal(again, man)
+
+
+def test_a_live_writers_temp_file_in_the_cache_survives(
+    srv: FakeSkyServer, catalogue: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Parallel shard jobs share the cutout cache: a running job's temporary file is never removed,
+    a killed job's is."""
+    import subprocess
+    import sys
+
+    from galpipe.io.atomic import _HOST_TAG
+
+    out = tmp_path / "cutouts"
+    out.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    try:
+        live = out / f".{int(catalogue['objid'].iloc[9])}.fits.p{writer.pid}h{_HOST_TAG}.abcd1234.tmp"
+        live.write_bytes(b"being written by another shard job")
+        stale = out / f".{int(catalogue['objid'].iloc[8])}.fits.p{int(dead.stdout)}h{_HOST_TAG}.wxyz5678.tmp"
+        stale.write_bytes(b"left by a killed job")
+        src = SdssSource(load_settings({"source": "sdss", "bands": BANDS, "cutout_size": SIZE,
+                                        "sdss": srv.params()}), frame_cache_dir=tmp_path / "frames")
+        man = src.make_cutouts(catalogue.head(4), CutoutCache(out))
+        assert (man["status"] == "ok").all()
+        assert live.read_bytes() == b"being written by another shard job"
+        assert not stale.exists()
+    finally:
+        writer.kill()
+        writer.wait()

@@ -13,12 +13,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from galpipe.config import build_section, load_settings
 from galpipe.errors import ConfigError, SourceError
 from galpipe.sources import sdss
-from galpipe.sources.fakeserver import FakeSkyServer, FaultSpec
+from galpipe.sources.base import Source
 from galpipe.sources.sdss import (
-    DEFAULTS,
     OUTPUT_COLUMNS,
+    SdssSource,
     build_class_where,
     build_page_sql,
     build_queries,
@@ -26,6 +27,7 @@ from galpipe.sources.sdss import (
     query_catalogue,
     sql_float,
 )
+from galpipe.testing.fakeserver import FakeSkyServer, FaultSpec
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "sdss.schema.yaml"
 INJECTION = "1; DROP TABLE PhotoObj --"
@@ -47,7 +49,8 @@ def test_schema_is_valid_and_matches_defaults() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
     validator.validate({})
-    validator.validate(DEFAULTS)
+    defaults = build_section("sdss").to_dict()  # what the pipeline gets: the schema's defaults, filled in
+    validator.validate(defaults)
 
     def defaults_of(node: dict[str, Any]) -> Any:
         if node.get("type") == "object" and "properties" in node:
@@ -62,7 +65,7 @@ def test_schema_is_valid_and_matches_defaults() -> None:
             described(sub, f"{path}.{key}")
 
     described(schema, "sdss")
-    assert defaults_of(schema) == DEFAULTS
+    assert defaults_of(schema) == defaults
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({"selection": {"ra_min": "0"}})
     with pytest.raises(jsonschema.ValidationError):
@@ -113,15 +116,17 @@ def test_fraction_thresholds_min_and_max() -> None:
     ]
 
 
+def _selection(**values: Any) -> Any:
+    return build_section("sdss", {"selection": values}).selection
+
+
 def test_selection_ranges_and_ra_wrap() -> None:
-    params = {"selection": {"ra_min": 350, "ra_max": 10.5, "dec_min": -1.25, "dec_max": 2}}
-    where = build_selection_where(params)
+    where = build_selection_where(_selection(ra_min=350, ra_max=10.5, dec_min=-1.25, dec_max=2))
     assert where[0] == "(p.ra >= 350.00000000 OR p.ra <= 10.50000000)"
     assert where[1] == "p.dec BETWEEN -1.25000000 AND 2.00000000"
-    params = {"selection": {"ra_min": 10, "ra_max": 20}}
-    assert build_selection_where(params)[0] == "p.ra BETWEEN 10.00000000 AND 20.00000000"
-    with pytest.raises(ConfigError, match=r"sdss\.selection\.dec_min .* larger"):
-        build_selection_where({"selection": {"dec_min": 5.0, "dec_max": 1.0}})
+    assert build_selection_where(_selection(ra_min=10, ra_max=20))[0] == "p.ra BETWEEN 10.00000000 AND 20.00000000"
+    with pytest.raises(ConfigError, match=r"config key 'sdss\.selection\.dec_min': 5\.0 is larger"):
+        _selection(dec_min=5.0, dec_max=1.0)
 
 
 def test_numbers_are_formatted_not_pasted() -> None:
@@ -196,10 +201,63 @@ def test_builder_arguments_are_typed() -> None:
         build_page_sql({}, "spiral", top="5")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="not a selected class"):
         build_page_sql({}, "qso", top=5)
-    with pytest.raises(ConfigError, match="bands"):
-        query_catalogue({}, seed=0, bands=["g", "x"])
-    with pytest.raises(ConfigError, match="seed"):
-        query_catalogue({}, seed="0", bands=["g"])  # type: ignore[arg-type]
+    # bands and seed are checked with the whole config, before any query
+    with pytest.raises(ConfigError, match=r"config key 'bands"):
+        load_settings({"source": "sdss", "bands": ["g", "x"]})
+    with pytest.raises(ConfigError, match=r"config key 'seed'"):
+        load_settings({"source": "sdss", "seed": "0"})
+
+
+# --------------------------------------------------------------------------- cross-field checks
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"sdss": {"selection": {"dec_min": 5.0, "dec_max": 1.0}}}, "sdss.selection.dec_min"),
+        ({"sdss": {"selection": {"petro_mag_r_min": 18.0, "petro_mag_r_max": 17.0}}},
+         "sdss.selection.petro_mag_r_min"),
+        ({"sdss": {"selection": {"petro_r90_r_min": 9.0, "petro_r90_r_max": 3.0}}}, "sdss.selection.petro_r90_r_min"),
+        ({"sdss": {"labels": {"classes": ["galaxy"]}}}, "sdss.labels.classes"),
+        ({"sdss": {"labels": {"scheme": "spec_class", "classes": ["spiral"]}}}, "sdss.labels.classes"),
+        ({"sdss": {"labels": {"scheme": "gz1_fractions", "classes": ["merger"]}}}, "sdss.labels.classes"),
+        ({"sdss": {"labels": {"classes": ["spiral", "spiral"]}}}, "sdss.labels.classes"),
+        ({"sdss": {"labels": {"scheme": "gz1_fractions", "fractions": {"edge": {"p_edge": {"min": 0.9, "max": 0.2}}}}}},
+         "sdss.labels.fractions.edge.p_edge"),
+        ({"sdss": {"labels": {"scheme": "gz1_fractions", "fractions": {"any": {"p_edge": {"min": 0.0, "max": 1.0}}}}}},
+         "sdss.labels.fractions.any"),
+        ({"sdss": {"labels": {"scheme": "gz1_fractions", "fractions": {}}}}, "sdss.labels.fractions"),
+        ({"source": "sdss", "bands": ["g", "r", "i"], "sdss": {"cutouts": {"provider": "skyserver-jpeg"}}}, "bands"),
+        ({"source": "sdss", "bands": ["red", "green", "blue"]}, "bands"),
+        ({"source": "sdss", "bands": ["g", "red"]}, "bands"),
+    ],
+)
+def test_cross_field_checks_fail_at_validation_naming_the_key(config: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}")):
+        load_settings(config)
+
+
+def test_consistent_sdss_configs_pass() -> None:
+    load_settings({"source": "sdss", "bands": ["red", "green", "blue"],
+                   "sdss": {"cutouts": {"provider": "skyserver-jpeg"}}})
+    load_settings({"source": "sdss", "bands": ["u", "z"],
+                   "sdss": {"labels": {"scheme": "spec_class", "classes": ["qso", "star"]}}})
+    cfg = load_settings({"sdss": {"labels": {"scheme": "gz1_fractions",
+                                             "fractions": {"edge": {"p_edge": {"max": 0.4}}}}}})
+    assert sdss.label_classes(cfg.sdss) == ["edge"]
+    # an sdss section is checked even while another source is configured (like the schema does)
+    with pytest.raises(ConfigError, match=r"sdss\.selection\.dec_min"):
+        load_settings({"source": "simulated", "sdss": {"selection": {"dec_min": 5.0, "dec_max": 1.0}}})
+
+
+def test_sdss_source_implements_the_interface(tmp_path: Path) -> None:
+    cfg = load_settings({"source": "sdss", "seed": 4, "bands": ["r"], "cutout_size": 32})
+    src = SdssSource(cfg, frame_cache_dir=tmp_path)
+    assert isinstance(src, Source) and src.name == "sdss"
+    assert src.bands == ("r",) and src.crop_fraction == 1.0 and src.input_files() == []
+    assert src.params() == {"source": "sdss", "seed": 4, "sdss": cfg.sdss.to_dict(), "bands": ["r"],
+                            "cutout_size": 32}
+    jpeg = SdssSource(load_settings({"source": "sdss", "bands": ["red", "green", "blue"],
+                                     "sdss": {"cutouts": {"provider": "skyserver-jpeg"}}}))
+    assert jpeg.bands == ("red", "green", "blue")
 
 
 # --------------------------------------------------------------------------- against the stand-in

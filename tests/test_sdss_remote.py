@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from galpipe.io import read_cutout
+from galpipe.io.cutout_fits import read_cutout
 from galpipe.sources.sdss import OUTPUT_COLUMNS, query_catalogue
 from galpipe.sources.sdss_cutouts import fetch_cutouts
 
@@ -47,8 +47,8 @@ def test_real_frame_and_jpeg(tmp_path: Path) -> None:
         "download": {"concurrency": 1, "requests_per_second": 1.0, "max_retries": 2},
     }
     cat, _ = query_catalogue(params, seed=0, bands=["r"])
-    man = fetch_cutouts(cat, tmp_path / "frames", bands=["r"], size=64, params=params,
-                        cache_dir=tmp_path / "cache")
+    man = fetch_cutouts(cat, tmp_path / "frames", bands=["r"], size=64, sdss=params,
+                        frame_cache_dir=tmp_path / "cache")
     assert (man["status"] == "ok").all()
     cut = read_cutout(man["path"][0], bands=["r"])
     assert cut.data.shape == (1, 64, 64) and np.nanmax(cut.data) > 0.5  # nanomaggies
@@ -56,7 +56,7 @@ def test_real_frame_and_jpeg(tmp_path: Path) -> None:
     assert len(frames) == 1
     jpeg = {**params, "cutouts": {"provider": "skyserver-jpeg", "jpeg_scale_mode": "petro"}}
     man = fetch_cutouts(cat, tmp_path / "jpeg", bands=["red", "green", "blue"], size=64,
-                        params=jpeg, cache_dir=tmp_path / "cache")
+                        sdss=jpeg, frame_cache_dir=tmp_path / "cache")
     assert (man["status"] == "ok").all()
     cut = read_cutout(man["path"][0], bands=["red", "green", "blue"])
     assert cut.data.dtype == np.uint8 and cut.data.max() > 50

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 
 from galpipe.catalogue import check_catalogue
-from galpipe.config import validate_config
+from galpipe.config import build_section, validate_config
 from galpipe.errors import ConfigError, DataError, GalpipeError
-from galpipe.io import cutout_filename, safe_filename
+from galpipe.io.atomic import safe_filename
+from galpipe.io.cutout_fits import cutout_filename
 from galpipe.sources import sdss
 from galpipe.sources.images import read_labels
 
@@ -42,7 +43,8 @@ def _selection(key: str, value: Any) -> dict:
 
 
 SQL_FIELDS: list[tuple[str, Any]] = [
-    *((f"sdss.selection.{k}", lambda v, k=k: _selection(k, v)) for k in sorted(sdss.DEFAULTS["selection"])),
+    *((f"sdss.selection.{k}", lambda v, k=k: _selection(k, v))
+      for k in sorted(build_section("sdss").selection.to_dict())),
     ("sdss.data_release", lambda v: {"data_release": v}),
     ("sdss.query.page_size", lambda v: {"query": {"page_size": v}}),
     ("sdss.labels.scheme", lambda v: {"labels": {"scheme": v}}),
@@ -73,9 +75,13 @@ def test_every_sql_field_rejects_injection_and_untyped_values(field: str, make: 
         if field == "sdss.labels.fractions" and isinstance(value, str) and re.fullmatch(r"[a-z]\w*", value):
             continue  # e.g. "nan": a fine class name (class names only name classes, never reach SQL)
         params = make(value)
+        # the schema (and cross_field_checks) reject it when the section is built, before any SQL
         with pytest.raises(ConfigError) as info:
-            sdss.build_queries(params)
-        assert str(info.value).startswith(field), (value, str(info.value))
+            build_section("sdss", params)
+        assert str(info.value).startswith(f"config key '{field}"), (value, str(info.value))
+        with pytest.raises(ConfigError) as info:
+            sdss.build_queries(params)  # a mapping handed to a builder goes through the same schema
+        assert str(info.value).startswith(f"config key '{field}"), (value, str(info.value))
 
 
 def test_keyset_bounds_and_page_sizes_are_typed() -> None:
@@ -134,7 +140,7 @@ def _snapshot(root: Path) -> set[str]:
 @pytest.mark.parametrize("column", ["objid", "label", "image"])
 def test_hostile_catalogue_values_fail_and_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          column: str) -> None:
-    from galpipe.stages import catalogue_stage
+    from galpipe.stages import catalogue as catalogue_stage
 
     images = tmp_path / "sandbox" / "images"
     images.mkdir(parents=True)
@@ -153,8 +159,8 @@ def test_hostile_catalogue_values_fail_and_write_nothing(tmp_path: Path, monkeyp
                   "label_column": "label", "path_column": "image", "label_map": {}}
         before = _snapshot(tmp_path)
         with pytest.raises(DataError, match=r"labels\.csv: row 3: ") as info:
-            catalogue_stage({"source": "images", "seed": 0, "images": params}, "out/catalogue.parquet",
-                            ["out/shard.parquet"])
+            catalogue_stage.run({"source": "images", "seed": 0, "images": params}, "out/catalogue.parquet",
+                                ["out/shard.parquet"])
         expected = {"objid": "is not an integer", "label": "is not usable as a file name",
                     "image": "must be relative to|escapes"}[column]
         assert re.search(expected, str(info.value)), str(info.value)
@@ -173,16 +179,21 @@ def test_label_map_targets_and_catalogue_labels_are_checked(tmp_path: Path) -> N
     (tmp_path / "labels.csv").write_text("objid,label,image\n1,S,a.png\n", encoding="utf-8")
     params = {"directory": str(tmp_path), "labels_csv": str(tmp_path / "labels.csv"), "id_column": "objid",
               "label_column": "label", "path_column": "image", "label_map": {"S": "../spiral"}}
-    with pytest.raises(DataError, match=r"row 2: label '\.\./spiral' is not usable as a file name"):
+    # a label_map target is a config value: the schema rejects it, also when read_labels gets a mapping
+    with pytest.raises(ConfigError, match=r"config key 'images\.label_map\.S'"):
         read_labels(params)
     with pytest.raises(ConfigError, match=r"config key 'images\.label_map\.S'"):
         validate_config({"images": {"label_map": {"S": "../spiral"}}})
+    # a raw label (no label_map) is data: read_labels rejects it naming the row
+    (tmp_path / "labels.csv").write_text("objid,label,image\n1,../spiral,a.png\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 2: label '\.\./spiral' is not usable as a file name"):
+        read_labels({**params, "label_map": {}})
 
 
 @pytest.mark.parametrize("name", ["../evil", "/abs", "a/b", "a\x00b", "x" * 200, ".hidden", "", "a\n"],
                          ids=["dotdot", "abs", "slash", "nul", "long", "hidden", "empty", "newline"])
 def test_experiment_names_never_become_paths(tmp_path: Path, name: str) -> None:
-    from galpipe.experiment import train_experiment
+    from galpipe.stages.train import run as train_experiment
 
     with pytest.raises(ConfigError, match=r"config key 'experiments'"):
         validate_config({"experiments": {name: {"architecture": "small_cnn"}}})
@@ -262,7 +273,7 @@ def test_weights_with_an_object_array_are_rejected_without_unpickling(tmp_path: 
 
 # --------------------------------------------------------------------------- the stand-in server
 def test_fake_skyserver_listens_on_loopback_only() -> None:
-    from galpipe.sources.fakeserver import FakeSkyServer
+    from galpipe.testing.fakeserver import FakeSkyServer
 
     with FakeSkyServer(n_galaxies=4, seed=0, frame_shape=(64, 64)) as server:
         httpd = server._httpd

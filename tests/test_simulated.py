@@ -10,8 +10,10 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from galpipe.config import build_section, load_settings
 from galpipe.errors import ConfigError, DataError
-from galpipe.io import cutout_filename, read_cutout
+from galpipe.io.cutout_fits import cutout_filename, read_cutout
+from galpipe.sources.base import CutoutCache, Source
 from galpipe.sources.sdss_photometry import (
     SDSS_BANDS,
     asinh_mag,
@@ -21,16 +23,22 @@ from galpipe.sources.sdss_photometry import (
 )
 from galpipe.sources.simulated import (
     COMPONENTS,
-    DEFAULTS,
     SIMULATED_CLASSES,
-    make_cutouts,
+    SimulatedSource,
+    _normalised_fractions,
     render_galaxy,
     simulate_catalogue,
-    validate_params,
 )
+from galpipe.sources.simulated import make_cutouts as _make_cutouts
 
 BANDS = ["g", "r", "i"]
 SEED = 12345
+SIM_DEFAULTS = build_section("simulated")  # the schema's defaults, the only ones
+
+
+def make_cutouts(catalogue: pd.DataFrame, out_dir, **kwargs) -> pd.DataFrame:
+    """:func:`galpipe.sources.simulated.make_cutouts` into the cutout cache at ``out_dir``."""
+    return _make_cutouts(catalogue, CutoutCache(out_dir), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +93,9 @@ def test_catalogue_columns_ids_and_positions(cat: pd.DataFrame) -> None:
     assert cat["objid"].is_unique and cat["objid"].is_monotonic_increasing
     assert (cat["objid"] > 1_237_000_000_000_000_000).all()
     assert set(cat["label"]) <= set(SIMULATED_CLASSES)
-    reg = DEFAULTS["region"]
-    assert cat["ra"].between(reg["ra_min"], reg["ra_max"]).all()
-    assert cat["dec"].between(reg["dec_min"], reg["dec_max"]).all()
+    reg = SIM_DEFAULTS.region
+    assert cat["ra"].between(reg.ra_min, reg.ra_max).all()
+    assert cat["dec"].between(reg.dec_min, reg.dec_max).all()
     for b in BANDS:
         for c in COMPONENTS:
             assert f"flux_{c}_{b}" in cat.columns
@@ -125,7 +133,7 @@ def test_class_counts_follow_fractions() -> None:
 
 def test_magnitudes_range_and_number_counts() -> None:
     c = simulate_catalogue({"n_galaxies": 20000}, seed=2, bands=BANDS)
-    lo, hi = DEFAULTS["mag_r_range"]
+    lo, hi = SIM_DEFAULTS.mag_r_range
     assert c["mag_r"].between(lo, hi).all()
     # rising counts: each magnitude bin holds more galaxies than the one before
     hist, _ = np.histogram(c["mag_r"], bins=np.linspace(lo, hi, 5))
@@ -150,14 +158,10 @@ def test_magnitudes_range_and_number_counts() -> None:
     assert c2["mag_r"].between(15.0, 16.0).all()
 
 
-def test_large_catalogue_is_fast() -> None:
-    import time
-
-    t0 = time.perf_counter()
+def test_large_catalogue_has_unique_ids() -> None:
+    # its speed is measured by benchmarks/bench_simulated.py
     c = simulate_catalogue({"n_galaxies": 100_000}, seed=4, bands=BANDS)
-    elapsed = time.perf_counter() - t0
     assert len(c) == 100_000 and c["objid"].is_unique
-    assert elapsed < 20.0, f"100,000 galaxies took {elapsed:.1f} s"
 
 
 @pytest.mark.parametrize(
@@ -185,28 +189,40 @@ def test_large_catalogue_is_fast() -> None:
     ],
 )
 def test_bad_config_names_the_key(params: dict, key: str) -> None:
+    # the schema and galpipe.config.cross_field_checks reject it before any galaxy is drawn
+    with pytest.raises(ConfigError, match=r"config key '" + key.replace(".", r"\.")):
+        load_settings({"simulated": params})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        simulate_catalogue(params, seed=1, bands=BANDS)
+        simulate_catalogue(params, seed=1, bands=BANDS)  # a plain mapping goes through the schema
 
 
-def test_bad_seed_and_bands() -> None:
-    with pytest.raises(ConfigError, match="seed"):
-        simulate_catalogue({}, seed=-1, bands=BANDS)
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"bands": ["g", "y"]}, "bands"),
+        ({"bands": ["g", "g"]}, "bands"),
+        ({"bands": []}, "bands"),
+        ({"bands": ["red", "green", "blue"]}, "bands"),  # cross-field: the simulated source renders ugriz
+    ],
+)
+def test_bad_seed_and_bands(config: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"config key '{key}"):
+        load_settings({"source": "simulated", **config})
+
+
+def test_bands_are_still_checked_by_the_library_call() -> None:
     with pytest.raises(ConfigError, match="bands"):
-        simulate_catalogue({}, seed=1, bands=["g", "y"])
-    with pytest.raises(ConfigError, match="bands"):
-        simulate_catalogue({}, seed=1, bands=["g", "g"])
-    with pytest.raises(ConfigError, match="bands"):
-        simulate_catalogue({}, seed=1, bands=[])
+        simulate_catalogue(SIM_DEFAULTS, seed=1, bands=["g", "y"])
 
 
-def test_validate_params_fills_defaults() -> None:
-    p = validate_params(None)
-    assert p["n_galaxies"] == DEFAULTS["n_galaxies"]
-    assert p["class_fractions"] == pytest.approx({c: 1 / 3 for c in SIMULATED_CLASSES})
-    p = validate_params({"region": {"ra_min": 10}, "class_fractions": {"spiral": 2}})
-    assert p["region"]["ra_min"] == 10.0 and p["region"]["ra_max"] == 200.0
-    assert p["class_fractions"] == {"elliptical": 0.0, "spiral": 1.0, "edge_on": 0.0}
+def test_schema_fills_defaults_and_fractions_are_normalised() -> None:
+    p = build_section("simulated", {"region": {"ra_min": 10}, "class_fractions": {"spiral": 2, "edge_on": 0}})
+    assert p.region.ra_min == 10.0 and p.region.ra_max == 200.0
+    assert p.class_fractions == {"elliptical": 1.0, "spiral": 2, "edge_on": 0}  # schema default for the rest
+    assert _normalised_fractions(p.class_fractions) == pytest.approx(
+        {"elliptical": 1 / 3, "spiral": 2 / 3, "edge_on": 0.0})
+    assert _normalised_fractions(SIM_DEFAULTS.class_fractions) == pytest.approx({c: 1 / 3 for c in SIMULATED_CLASSES})
 
 
 def test_photometry_helpers() -> None:
@@ -398,3 +414,54 @@ def test_make_cutouts_rejects_bad_catalogue(cat: pd.DataFrame, tmp_path) -> None
     dup = pd.concat([cat.iloc[:1], cat.iloc[:1]])
     with pytest.raises(DataError, match="more than once"):
         make_cutouts(dup, tmp_path, bands=BANDS, size=32, seed=1)
+
+
+# --------------------------------------------------------------------------- the Source class
+def test_simulated_source_implements_the_interface(tmp_path) -> None:
+    cfg = load_settings({"source": "simulated", "seed": 5, "bands": ["r", "i"], "cutout_size": 24,
+                         "simulated": {"n_galaxies": 12}})
+    src = SimulatedSource(cfg)
+    assert isinstance(src, Source) and src.name == "simulated"
+    assert src.bands == ("r", "i") and src.input_files() == [] and src.crop_fraction == 1.0
+    # params: what the catalogue and the cutouts depend on, as plain data (a rule's params, a cache key)
+    assert src.params() == {"source": "simulated", "seed": 5, "simulated": cfg.simulated.to_dict(),
+                            "bands": ["r", "i"], "cutout_size": 24}
+    df, prov = src.catalogue()
+    pd.testing.assert_frame_equal(df, simulate_catalogue(cfg.simulated, seed=5, bands=["r", "i"]))
+    assert prov["source"] == "simulated" and prov["params"] == cfg.simulated.to_dict()
+    assert prov["seed"] == 5 and prov["bands"] == ["r", "i"] and "created_utc" not in prov
+    man = src.make_cutouts(df.head(3), CutoutCache(tmp_path))
+    assert man["status"].tolist() == ["ok"] * 3
+    cut = read_cutout(man["path"].iloc[0], bands=["r", "i"])
+    np.testing.assert_array_equal(cut.data, render_galaxy(df.iloc[0].to_dict(), bands=["r", "i"], size=24, seed=5))
+    # an external image is loaded by the one shared loader
+    ext = SimulatedSource.load_external(man["path"].iloc[0], size=12, crop_fraction=1.0)
+    assert ext.data.shape == (2, 12, 12) and ext.bands == ("r", "i") and ext.bunit == "nanomaggy"
+
+
+def test_a_live_writers_temp_file_survives_another_source_instance(tmp_path) -> None:
+    """Parallel shard jobs share the cutout cache: only dead writers' temporary files are swept."""
+    import subprocess
+    import sys
+
+    from galpipe.io.atomic import _HOST_TAG
+
+    cfg = load_settings({"simulated": {"n_galaxies": 6}, "cutout_size": 16})
+    df, _ = SimulatedSource(cfg).catalogue()
+    cache_dir = tmp_path / "cutouts"
+    cache_dir.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    try:
+        live_tmp = cache_dir / f".{cutout_filename(int(df.objid[5]))}.p{writer.pid}h{_HOST_TAG}.abcd1234.tmp"
+        live_tmp.write_bytes(b"half-written by a parallel shard job")
+        dead_tmp = cache_dir / f".{cutout_filename(int(df.objid[4]))}.p{int(dead.stdout)}h{_HOST_TAG}.wxyz5678.tmp"
+        dead_tmp.write_bytes(b"left behind by a killed job")
+        man = SimulatedSource(cfg).make_cutouts(df.head(3), CutoutCache(cache_dir))
+        assert (man["status"] == "ok").all()
+        assert live_tmp.read_bytes() == b"half-written by a parallel shard job"
+        assert not dead_tmp.exists()
+    finally:
+        writer.kill()
+        writer.wait()

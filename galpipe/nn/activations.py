@@ -1,25 +1,19 @@
 """Element-wise activation layers (any input shape ``(N, ...)``, same output shape).
 
-Large batches are split over worker threads (NumPy releases the GIL in ufuncs).
+Reference implementations; :class:`ReLU` has a threaded fast step
+(:mod:`galpipe.nn.fast.elementwise`) and fuses into a preceding convolution.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import Layer, parallel_chunks, register
-
-#: Arrays smaller than this many elements per chunk are processed on one thread.
-_MIN_PARALLEL = 1 << 17
-
-
-def _min_chunk(x: np.ndarray) -> int:
-    per_sample = max(int(np.prod(x.shape[1:])), 1)
-    return max(1, _MIN_PARALLEL // per_sample)
+from galpipe.nn.base import Layer, Step, register
 
 
 def _check_number(value: Any, what: str, *, positive: bool = False) -> float:
@@ -39,15 +33,6 @@ class _Activation(Layer):
         super().__init__(name)
         self._cache: dict[str, np.ndarray] = {}
 
-    def _config(self, **kwargs: Any) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"type": self.type_name, **kwargs}
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
-
-    def get_config(self) -> dict[str, Any]:
-        return self._config()
-
     def flops(self) -> int:
         return int(np.prod(self.input_shape)) if self.built else 0
 
@@ -59,39 +44,34 @@ class _Activation(Layer):
 
 @register("relu")
 class ReLU(_Activation):
-    """``max(x, 0)``; the gradient at 0 is taken as 0."""
+    """``max(x, 0)``; the gradient at 0 is taken as 0.
+
+    Declares ``fusion_tag = "relu"`` (a preceding convolution may fuse it); its fast
+    step is threaded, and fused with a following ``maxpool2d`` it runs after the pool.
+    """
+
+    @property
+    def fusion_tag(self) -> str | None:
+        return "relu"
+
+    def fast_step(self, following: Sequence[Layer]) -> Step | None:
+        """Threaded ReLU, or ``relu(maxpool(x))`` when a max-pool follows."""
+        from galpipe.nn.fast.elementwise import ReLUStep
+        from galpipe.nn.fast.pool import ReLUPoolStep
+
+        if following and following[0].fusion_tag in ("maxpool", "maxpool2x2"):
+            return ReLUPoolStep(self, following[0])  # type: ignore[arg-type]
+        return ReLUStep(self)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._ensure_built(x)
-        out = np.empty_like(x)
-
-        def work(lo: int, hi: int) -> None:
-            np.maximum(x[lo:hi], 0, out=out[lo:hi])
-
-        parallel_chunks(work, x.shape[0], min_chunk=_min_chunk(x))
+        out = np.maximum(x, 0)
         self._cache = {"out": out}
         return out
 
-    def forward_inplace(self, x: np.ndarray) -> np.ndarray:
-        """Like :meth:`forward` but overwrites ``x`` (only for arrays nobody else needs).
-
-        Used by :class:`~galpipe.nn.model.Sequential` for ``relu`` after ``maxpool2d``
-        (``relu(maxpool(x)) == maxpool(relu(x))``, and the max-pool backward only
-        consults its cached output where the ReLU passes a gradient).
-        """
-        np.maximum(x, 0, out=x)
-        self._cache = {"out": x}
-        return x
-
     def backward(self, dout: np.ndarray) -> np.ndarray:
         out = self._get("out")
-        dx = np.empty_like(out)
-
-        def work(lo: int, hi: int) -> None:
-            np.multiply(dout[lo:hi], out[lo:hi] > 0, out=dx[lo:hi])
-
-        parallel_chunks(work, out.shape[0], min_chunk=_min_chunk(out))
-        return dx
+        return dout * (out > 0)
 
 
 @register("leaky_relu")
@@ -101,9 +81,6 @@ class LeakyReLU(_Activation):
     def __init__(self, alpha: float = 0.01, name: str | None = None) -> None:
         super().__init__(name)
         self.alpha = _check_number(alpha, "leaky_relu: alpha")
-
-    def get_config(self) -> dict[str, Any]:
-        return self._config(alpha=self.alpha)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._ensure_built(x)
@@ -122,9 +99,6 @@ class ELU(_Activation):
     def __init__(self, alpha: float = 1.0, name: str | None = None) -> None:
         super().__init__(name)
         self.alpha = _check_number(alpha, "elu: alpha")
-
-    def get_config(self) -> dict[str, Any]:
-        return self._config(alpha=self.alpha)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._ensure_built(x)

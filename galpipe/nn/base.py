@@ -1,4 +1,4 @@
-"""The layer protocol and the registry from type name to layer class.
+"""The layer protocol, the :class:`Layer` base class and the registry of layer types.
 
 Conventions used by every layer in :mod:`galpipe.nn`:
 
@@ -17,19 +17,21 @@ Conventions used by every layer in :mod:`galpipe.nn`:
 * ``state`` holds non-trained buffers saved with the weights (BatchNorm running
   statistics).
 * ``get_config()`` returns a JSON-serialisable spec ``{"type": ..., **kwargs}``
-  from which :func:`layer_from_spec` rebuilds an identical (unbuilt) layer.
+  from which :func:`layer_from_spec` rebuilds an identical (unbuilt) layer.  It
+  is derived from the constructor's signature: :class:`Layer` records the
+  arguments every layer was constructed with.
+* A layer may offer a faster implementation of itself (possibly fused with the
+  layers after it) through :meth:`Layer.fast_step`; the layers after it are
+  recognised by what they declare in :attr:`Layer.fusion_tag`, never by their
+  class.  The kernels live in :mod:`galpipe.nn.fast`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
-import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,27 +40,94 @@ from galpipe.errors import ModelError
 
 @runtime_checkable
 class LayerProtocol(Protocol):
-    """Structural type every layer satisfies."""
+    """What a layer must provide (checked by :func:`layer_from_spec` on every layer it builds).
+
+    :class:`Layer` implements all of it; subclass it rather than starting from scratch.
+    """
 
     params: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+
+    def build(
+        self, input_shape: tuple[int, ...], rng: np.random.Generator | None = None,
+        dtype: np.dtype | type = np.float32,
+    ) -> tuple[int, ...]: ...
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray: ...
 
-    def backward(self, dout: np.ndarray) -> np.ndarray: ...
+    def backward(self, dout: np.ndarray) -> np.ndarray | None: ...
 
     def get_config(self) -> dict[str, Any]: ...
+
+    def flops(self) -> int: ...
+
+
+@runtime_checkable
+class Step(Protocol):
+    """One step of a model's execution plan: a layer, or a fast kernel for one or more
+    consecutive layers (see :meth:`Layer.fast_step`).
+
+    ``forward(x, training)`` maps the input of the first layer covered to the output of
+    the last; ``backward(dout)`` fills the covered layers' ``grads`` and returns the
+    gradient w.r.t. the step's input (or None when the first layer's
+    ``input_grad_needed`` is False).
+    """
+
+    #: Short name of the step, e.g. ``"conv_relu_pool"`` (reported by ``execution_plan``).
+    kind: str
+    #: Number of consecutive layers the step covers.
+    size: int
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray: ...
+
+    def backward(self, dout: np.ndarray) -> np.ndarray | None: ...
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists and NumPy scalars to Python numbers, recursively."""
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 class Layer:
     """Base class implementing the bookkeeping of the layer protocol.
 
-    Subclasses set ``type_name`` (via :func:`register`), implement
-    :meth:`_build` (optional), :meth:`forward`, :meth:`backward` and
-    :meth:`get_config`, and may override :meth:`flops`.
+    A subclass implements ``forward`` and ``backward``, usually ``_build`` (create
+    ``self.params`` and return the output shape) and ``flops``, and is registered
+    with :func:`register`.  ``get_config`` comes for free: the arguments a layer is
+    constructed with are recorded (:meth:`__new__`), so the constructor's keyword
+    arguments are the layer's spec.  Values must be JSON-serialisable.
     """
 
     type_name: ClassVar[str] = "layer"
+
+    #: Set to ``False`` by a container when nobody needs the gradient w.r.t. this
+    #: layer's input (the first layer of a model): layers that can, then skip
+    #: computing it and ``backward`` returns ``None``.
+    input_grad_needed: bool = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Layer:
+        """Record the constructor arguments (defaults filled in) for :meth:`get_config`."""
+        self = super().__new__(cls)
+        sig = inspect.signature(cls.__init__)
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError:
+            self._init_args = {}  # __init__ will raise the same TypeError
+            return self
+        bound.apply_defaults()
+        arguments = dict(list(bound.arguments.items())[1:])
+        for p in sig.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(p.name, {}))
+        self._init_args = arguments
+        return self
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
@@ -99,13 +168,20 @@ class Layer:
         """Forward pass on a batch; shapes documented per layer."""
         raise NotImplementedError
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
+    def backward(self, dout: np.ndarray) -> np.ndarray | None:
         """Backward pass: fill ``self.grads`` and return the gradient w.r.t. the input."""
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
-        """JSON-serialisable spec ``{"type": type_name, **constructor kwargs}``."""
-        return {"type": self.type_name}
+        """JSON-serialisable spec ``{"type": type_name, **constructor arguments}``.
+
+        The arguments are those the layer was constructed with (defaults filled
+        in); ``name`` is left out when it is None.
+        """
+        args = {k: _jsonable(v) for k, v in self._init_args.items()}
+        if args.get("name", 0) is None:
+            del args["name"]
+        return {"type": self.type_name, **args}
 
     def flops(self) -> int:
         """Approximate forward floating-point operations per sample (multiply-add = 2)."""
@@ -115,6 +191,35 @@ class Layer:
         """Number of trainable scalars."""
         return int(sum(p.size for p in self.params.values()))
 
+    # -- fast path ---------------------------------------------------------------------
+    @property
+    def fusion_tag(self) -> str | None:
+        """What this layer is to the fusion rules of a fast kernel *before* it.
+
+        E.g. ``"relu"`` (:class:`~galpipe.nn.activations.ReLU`) or ``"maxpool2x2"``
+        (a 2x2 stride-2 max-pool); None: nothing a kernel may fuse.  A subclass that
+        changes the maths of a tagged layer must set it back to None.
+        """
+        return None
+
+    def fast_step(self, following: Sequence[Layer]) -> Step | None:
+        """A fast implementation of this layer, possibly fused with the layers after it.
+
+        Parameters
+        ----------
+        following : sequence of Layer
+            The built layers after this one in its :class:`~galpipe.nn.model.Sequential`.
+
+        Returns
+        -------
+        Step or None
+            A step covering this layer and the next ``step.size - 1`` ones, computing
+            what they compute (outputs and input gradients identical; parameter
+            gradients up to the order of float sums); None: run the layer itself.
+        """
+        return None
+
+    # -- structure ---------------------------------------------------------------------
     def sublayers(self) -> list[Layer]:
         """Child layers (containers override this)."""
         return [layer for _, layer in self.named_children()]
@@ -132,264 +237,9 @@ class Layer:
         for _, child in self.named_children():
             child.set_rng(np.random.default_rng(rng.integers(0, 2**63 - 1)))
 
-    #: Set to ``False`` by a container when nobody needs the gradient w.r.t. this
-    #: layer's input (the first layer of a model): layers that can, then skip
-    #: computing it and ``backward`` returns ``None``.
-    input_grad_needed: bool = True
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "type")
         return f"{type(self).__name__}({args})"
-
-
-# --------------------------------------------------------------------------- threads
-#
-# NumPy releases the GIL in copies, ufuncs and matmul, so a layer's work can be
-# split over the batch and run on several cores by plain Python threads.  Heavy
-# layers split a batch (or a list of pieces of it) into ``get_num_workers()``
-# contiguous chunks; while chunks run in parallel, BLAS is limited to one thread
-# (each chunk runs its own single-threaded GEMMs) and restored afterwards -- and a
-# whole model pass runs inside :func:`compute_region`.  By default the number of
-# workers follows the BLAS thread count, so ``threadpoolctl.threadpool_limits(1)``
-# makes everything single-threaded.
-#
-# The split never changes the arithmetic: chunks write disjoint outputs, and sums
-# over the batch (convolution weight gradients) are taken over pieces whose
-# boundaries depend only on the batch size, in a fixed order.  Results are
-# therefore identical for any number of workers.
-
-_T = TypeVar("_T")
-_WORKERS_OVERRIDE: int | None = None
-_EXECUTOR: ThreadPoolExecutor | None = None
-_EXECUTOR_SIZE = 0
-_BLAS_CONTROLLERS: list[Any] | None = None
-_LOCAL = threading.local()
-_LOCK = threading.Lock()
-_CPU_COUNT = os.cpu_count() or 1
-
-
-def set_num_workers(n: int | None) -> None:
-    """Fix the number of batch chunks processed in parallel (``None``: follow BLAS).
-
-    Raises
-    ------
-    ModelError
-        If ``n`` is not ``None`` or a positive integer.
-    """
-    global _WORKERS_OVERRIDE
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ModelError(f"set_num_workers: expected a positive integer or None, got {n!r}")
-    _WORKERS_OVERRIDE = n
-
-
-def _blas_controllers() -> list[Any]:
-    global _BLAS_CONTROLLERS
-    if _BLAS_CONTROLLERS is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            ctl = ThreadpoolController().select(user_api="blas")
-            _BLAS_CONTROLLERS = list(ctl.lib_controllers)
-        except Exception:  # pragma: no cover - threadpoolctl missing or broken
-            _BLAS_CONTROLLERS = []
-    return _BLAS_CONTROLLERS
-
-
-def blas_num_threads() -> int:
-    """Current number of BLAS threads (1 when it cannot be determined)."""
-    ctls = _blas_controllers()
-    if not ctls:
-        return 1
-    try:
-        return max(1, min(int(c.get_num_threads() or 1) for c in ctls))
-    except Exception:  # pragma: no cover
-        return 1
-
-
-def get_num_workers() -> int:
-    """Number of batch chunks heavy layers process in parallel."""
-    if _WORKERS_OVERRIDE is not None:
-        return _WORKERS_OVERRIDE
-    region = getattr(_LOCAL, "region", None)
-    if region is not None:
-        return int(region)
-    return max(1, min(blas_num_threads(), _CPU_COUNT))
-
-
-@contextlib.contextmanager
-def compute_region() -> Iterator[None]:
-    """Run a whole model pass with BLAS held at one thread and our workers in charge.
-
-    OpenBLAS worker threads busy-wait for a while after every multi-threaded call;
-    if any GEMM of a training step ran on two BLAS threads, the spinning thread
-    would steal a core from the batch-chunk workers of the next layer.  Inside this
-    context every GEMM is single-threaded and parallelism comes from
-    :func:`parallel_chunks` only (with the worker count captured on entry).
-    Re-entrant; a no-op with one worker.
-    """
-    if getattr(_LOCAL, "region", None) is not None or getattr(_LOCAL, "inside", False):
-        yield
-        return
-    workers = get_num_workers()
-    ctls = _blas_controllers() if workers > 1 else []
-    previous = [c.get_num_threads() for c in ctls]
-    for c in ctls:
-        c.set_num_threads(1)
-    _LOCAL.region = workers
-    try:
-        yield
-    finally:
-        _LOCAL.region = None
-        for c, p in zip(ctls, previous, strict=True):
-            c.set_num_threads(p)
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    global _EXECUTOR, _EXECUTOR_SIZE
-    with _LOCK:
-        if _EXECUTOR is None or _EXECUTOR_SIZE < n:
-            if _EXECUTOR is not None:
-                _EXECUTOR.shutdown(wait=True)
-            _EXECUTOR = ThreadPoolExecutor(max_workers=n, thread_name_prefix="galpipe-nn")
-            _EXECUTOR_SIZE = n
-        return _EXECUTOR
-
-
-def _reset_after_fork() -> None:
-    """A forked child has none of the parent's worker threads: start a fresh pool."""
-    global _EXECUTOR, _EXECUTOR_SIZE, _LOCK, _LOCAL
-    _EXECUTOR, _EXECUTOR_SIZE = None, 0
-    _LOCK = threading.Lock()
-    _LOCAL = threading.local()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """Split ``range(n)`` into ``parts`` contiguous, nearly equal ``(lo, hi)`` ranges."""
-    parts = max(1, min(parts, n))
-    edges = [round(k * n / parts) for k in range(parts + 1)]
-    return [(edges[k], edges[k + 1]) for k in range(parts)]
-
-
-def parallel_chunks(
-    fn: Callable[..., _T],
-    n: int,
-    *,
-    min_chunk: int = 1,
-    workers: int | None = None,
-    with_index: bool = False,
-) -> list[_T]:
-    """Run ``fn(lo, hi)`` over contiguous chunks of ``range(n)`` on worker threads.
-
-    Parameters
-    ----------
-    fn : callable
-        ``fn(lo, hi)`` (or ``fn(k, lo, hi)`` with ``with_index``, ``k`` the chunk
-        number) processes items ``lo:hi``; it must only write to disjoint parts
-        of shared arrays.  NumPy releases the GIL, so chunks run truly in parallel.
-    n : int
-        Number of items (batch samples, or pieces of a batch).
-    min_chunk : int
-        Do not make chunks smaller than this (small batches run inline).
-    workers : int, optional
-        Override :func:`get_num_workers`.
-    with_index : bool
-        Pass the chunk number as the first argument.
-
-    Returns
-    -------
-    list
-        ``fn``'s results in chunk order (one chunk, run inline, when ``n`` is small,
-        one worker is configured, or when called from inside a worker).  While
-        chunks run, BLAS is limited to one thread (restored afterwards).
-    """
-    bounds = plan_chunks(n, min_chunk=min_chunk, workers=workers)
-
-    def call(k: int, lo: int, hi: int) -> _T:
-        return fn(k, lo, hi) if with_index else fn(lo, hi)
-
-    if len(bounds) == 1:
-        return [call(0, *bounds[0])]
-    # inside a compute_region BLAS is already single-threaded
-    ctls = [] if getattr(_LOCAL, "region", None) is not None else _blas_controllers()
-    previous = [c.get_num_threads() for c in ctls]
-    for c in ctls:
-        c.set_num_threads(1)
-    try:
-        ex = _executor(len(bounds) - 1)
-        futures = [
-            ex.submit(_run_inside, call, k, lo, hi)
-            for k, (lo, hi) in enumerate(bounds) if k > 0
-        ]
-        try:
-            first = _run_inside(call, 0, *bounds[0])
-        finally:
-            wait(futures)
-        return [first, *(f.result() for f in futures)]
-    finally:
-        for c, p in zip(ctls, previous, strict=True):
-            c.set_num_threads(p)
-
-
-def plan_chunks(
-    n: int, *, min_chunk: int = 1, workers: int | None = None
-) -> list[tuple[int, int]]:
-    """The ``(lo, hi)`` chunks :func:`parallel_chunks` would use for ``n`` items."""
-    w = get_num_workers() if workers is None else workers
-    w = min(w, n // max(min_chunk, 1))
-    if w <= 1 or getattr(_LOCAL, "inside", False):
-        return [(0, n)]
-    return chunk_bounds(n, w)
-
-
-def _run_inside(fn: Callable[[int, int, int], _T], k: int, lo: int, hi: int) -> _T:
-    was = getattr(_LOCAL, "inside", False)
-    _LOCAL.inside = True
-    try:
-        return fn(k, lo, hi)
-    finally:
-        _LOCAL.inside = was
-
-
-def sum_arrays(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Sum a sequence of same-shaped arrays in a fixed order (deterministic)."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
-
-
-class BufferCache:
-    """A tiny per-layer cache of scratch arrays keyed by ``(tag, shape, dtype)``.
-
-    Scratch buffers (im2col matrices, padded inputs) are reused across calls with
-    the same batch shape instead of being reallocated.  Buffers created with
-    ``zero=True`` start zeroed; callers that rely on untouched regions staying
-    zero (padding borders) must always write the same region.  Returned arrays
-    are scratch only: never hand one out as a layer output.
-    """
-
-    def __init__(self, max_entries: int = 16) -> None:
-        self.max_entries = max_entries
-        self._store: dict[tuple[Any, ...], np.ndarray] = {}
-
-    def get(
-        self, tag: str, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool = False
-    ) -> np.ndarray:
-        key = (tag, tuple(shape), np.dtype(dtype).str, zero)
-        buf = self._store.pop(key, None)
-        if buf is None:
-            buf = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
-            if len(self._store) >= self.max_entries:
-                self._store.pop(next(iter(self._store)))
-        self._store[key] = buf  # most recently used last
-        return buf
-
-    def clear(self) -> None:
-        self._store.clear()
 
 
 #: Registry: layer type name (as written in YAML) -> class.
@@ -400,6 +250,8 @@ def register(name: str) -> Callable[[type[Layer]], type[Layer]]:
     """Class decorator registering a layer under ``name`` (the YAML ``type``)."""
 
     def deco(cls: type[Layer]) -> type[Layer]:
+        if not (isinstance(cls, type) and issubclass(cls, Layer)):
+            raise ModelError(f"register({name!r}): {cls!r} is not a subclass of Layer")
         if name in LAYERS and LAYERS[name] is not cls:
             raise ModelError(f"layer type {name!r} registered twice")
         cls.type_name = name
@@ -443,8 +295,14 @@ def layer_from_spec(spec: dict[str, Any] | str, *, where: str = "layer") -> Laye
             f"accepted: {accepted}"
         )
     try:
-        return cls(**kwargs)
+        layer = cls(**kwargs)
     except ModelError as exc:
         raise ModelError(f"{where}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{where}: bad arguments for {type_name!r}: {exc}") from exc
+    if not isinstance(layer, LayerProtocol):
+        missing = [m for m in ("params", "grads", "state", "build", "forward", "backward",
+                               "get_config", "flops") if not hasattr(layer, m)]
+        raise ModelError(f"{where}: {cls.__name__} does not implement the layer protocol "
+                         f"(missing {missing}); subclass galpipe.nn.Layer")
+    return layer

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import Layer, parallel_chunks, register
+from galpipe.nn.base import Layer, Step, register
 from galpipe.nn.init import INITIALISERS, get_initialiser
-
-
-def _min_rows(work_per_row: int) -> int:
-    """Smallest chunk (rows) worth a thread: about 2**17 multiply-adds."""
-    return max(1, (1 << 17) // max(work_per_row, 1))
 
 
 @register("dense")
@@ -29,10 +24,13 @@ class Dense(Layer):
         Add the bias ``b``.
     init : str
         Initialiser of ``W`` (``"he"`` or ``"glorot"`` etc.); ``b`` starts at 0.
+    name : str, optional
+        Free-form name.
 
     Notes
     -----
     Input ``(N, F_in)``, output ``(N, F_out)``; ``W`` has shape ``(F_in, F_out)``.
+    The fast step (:class:`~galpipe.nn.fast.dense.DenseStep`) is threaded.
     """
 
     def __init__(
@@ -49,17 +47,6 @@ class Dense(Layer):
             )
         self.init = str(init).lower()
         self._x: np.ndarray | None = None
-
-    def get_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {
-            "type": self.type_name,
-            "units": self.units,
-            "use_bias": self.use_bias,
-            "init": self.init,
-        }
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
 
     def _build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
         if len(input_shape) != 1:
@@ -79,51 +66,39 @@ class Dense(Layer):
             return 0
         return int(self.units * (2 * self.input_shape[0] + (1 if self.use_bias else 0)))
 
-    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        """``(N, F_in) -> (N, F_out)``."""
+    def fast_step(self, following: Sequence[Layer]) -> Step | None:
+        """The threaded dense layer."""
+        from galpipe.nn.fast.dense import DenseStep
+
+        return DenseStep(self)
+
+    def _check_input(self, x: np.ndarray) -> None:
         self._ensure_built(x)
         if x.shape[1:] != self.input_shape:
             raise ModelError(
                 f"dense: expects input of per-sample shape {self.input_shape}, got {x.shape[1:]}"
             )
-        w = self.params["W"].astype(x.dtype, copy=False)
-        b = self.params["b"].astype(x.dtype, copy=False) if self.use_bias else None
-        out = np.empty((x.shape[0], self.units), dtype=x.dtype)
 
-        def work(lo: int, hi: int) -> None:
-            np.matmul(x[lo:hi], w, out=out[lo:hi])
-            if b is not None:
-                out[lo:hi] += b
-
-        parallel_chunks(work, x.shape[0], min_chunk=_min_rows(w.size))
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        """``(N, F_in) -> (N, F_out)``."""
+        self._check_input(x)
+        out = x @ self.params["W"].astype(x.dtype, copy=False)
+        if self.use_bias:
+            out += self.params["b"].astype(x.dtype, copy=False)
         self._x = x
         return out
 
-    def backward(self, dout: np.ndarray) -> np.ndarray | None:
-        """Fill ``grads``; return ``dx`` ``(N, F_in)`` (``None`` if not needed)."""
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Fill ``grads`` (``W`` ``(F_in, F_out)``, ``b`` ``(F_out,)``); return ``dx``
+        ``(N, F_in)`` for ``dout`` ``(N, F_out)``."""
         if self._x is None:
             raise ModelError("dense: backward called before forward")
         x = self._x
-        dout = np.ascontiguousarray(dout, dtype=x.dtype)
-        gw = self.grads["W"]
-        w = self.params["W"].astype(x.dtype, copy=False)
-        need_dx = self.input_grad_needed
-        dx = np.empty_like(x) if need_dx else None
-
-        # Split over input features: disjoint rows of dW and columns of dx, each
-        # computed exactly as in one GEMM (same reduction), for any worker count.
-        def work(lo: int, hi: int) -> None:
-            if gw.dtype == x.dtype:
-                np.matmul(x[:, lo:hi].T, dout, out=gw[lo:hi])
-            else:
-                gw[lo:hi] = x[:, lo:hi].T @ dout
-            if dx is not None:
-                np.matmul(dout, w[lo:hi].T, out=dx[:, lo:hi])
-
-        parallel_chunks(work, x.shape[1], min_chunk=_min_rows(x.shape[0] * self.units))
+        dout = np.asarray(dout, dtype=x.dtype)
+        self.grads["W"][...] = x.T @ dout
         if self.use_bias:
             self.grads["b"][...] = dout.sum(axis=0)
-        return dx
+        return dout @ self.params["W"].astype(x.dtype, copy=False).T
 
 
 @register("flatten")
@@ -133,12 +108,6 @@ class Flatten(Layer):
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
         self._shape: tuple[int, ...] | None = None
-
-    def get_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"type": self.type_name}
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
 
     def _build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
         return (int(np.prod(input_shape)),)
@@ -158,9 +127,13 @@ class Flatten(Layer):
 class Dropout(Layer):
     """Inverted dropout: zero each element with probability ``rate``, scale the rest.
 
-    ``training=False`` is the identity.  The random stream is seeded at build time
-    from the model's generator and can be reseeded with :meth:`set_rng`
-    (deterministic resume, Monte-Carlo dropout).
+    Masks are drawn when ``forward`` runs with ``training=True`` *or* while
+    :attr:`mc_sampling` is set (Monte-Carlo dropout at inference; set it with
+    :func:`galpipe.nn.inference.mc_dropout_active` or
+    :meth:`galpipe.nn.model.Sequential.set_mc_dropout`); otherwise it is the identity.
+    The random stream is seeded at build time from the model's generator and can be
+    reseeded with :meth:`set_rng` (deterministic resume, Monte-Carlo dropout).
+    Any input shape ``(N, ...)``.
     """
 
     def __init__(self, rate: float = 0.5, name: str | None = None) -> None:
@@ -170,14 +143,10 @@ class Dropout(Layer):
         ):
             raise ModelError(f"dropout: rate must be a number in [0, 1), got {rate!r}")
         self.rate = float(rate)
+        #: Draw masks even when ``training`` is False (Monte-Carlo dropout).
+        self.mc_sampling = False
         self._rng = np.random.default_rng(0)
         self._mask: np.ndarray | None = None
-
-    def get_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"type": self.type_name, "rate": self.rate}
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
 
     def _build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
         self.set_rng(np.random.default_rng(rng.integers(0, 2**63 - 1)))
@@ -192,7 +161,7 @@ class Dropout(Layer):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._ensure_built(x)
-        if not training or self.rate == 0.0:
+        if not (training or self.mc_sampling) or self.rate == 0.0:
             self._mask = None
             return x
         keep = self._rng.random(x.shape, dtype=np.float64 if x.dtype == np.float64 else np.float32)

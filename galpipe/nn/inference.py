@@ -88,31 +88,23 @@ def dropout_layers(model: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def mc_dropout_active(model: Any) -> Iterator[int]:
-    """Make every dropout layer behave as in training, whatever ``training`` says.
+    """Monte-Carlo dropout mode: every dropout layer draws masks, whatever ``training`` says.
 
-    Inside the context, ``model.forward(x, training=False)`` keeps BatchNorm
-    (and every other layer) in inference mode but samples dropout masks.  The
-    dropout layers' ``forward`` is wrapped on the instance and restored on
-    exit.  Yields the number of dropout layers found.
+    Inside the context, ``model.forward(x, training=False)`` keeps BatchNorm (and
+    every other layer) in inference mode but samples dropout masks: the context
+    sets each dropout layer's declared :attr:`~galpipe.nn.dense.Dropout.mc_sampling`
+    flag and restores the previous values on exit.  Yields the number of dropout
+    layers found.
     """
     layers = dropout_layers(model)
-    saved = []
+    previous = [layer.mc_sampling for layer in layers]
     try:
         for layer in layers:
-            original = layer.forward
-            saved.append((layer, "forward" in vars(layer), vars(layer).get("forward")))
-
-            def forced(x: np.ndarray, training: bool = False, _f: Any = original) -> np.ndarray:
-                return _f(x, training=True)
-
-            layer.forward = forced
+            layer.mc_sampling = True
         yield len(layers)
     finally:
-        for layer, had, value in saved:
-            if had:
-                layer.forward = value
-            else:
-                del layer.forward
+        for layer, was in zip(layers, previous, strict=True):
+            layer.mc_sampling = was
 
 
 # --------------------------------------------------------------------------- prediction

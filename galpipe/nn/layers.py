@@ -3,7 +3,8 @@
 The implementations live in :mod:`galpipe.nn.conv`, :mod:`galpipe.nn.pooling`,
 :mod:`galpipe.nn.dense`, :mod:`galpipe.nn.norm` and :mod:`galpipe.nn.activations`;
 the containers :class:`~galpipe.nn.model.Sequential` and
-:class:`~galpipe.nn.model.Residual` in :mod:`galpipe.nn.model`.
+:class:`~galpipe.nn.model.Residual` in :mod:`galpipe.nn.model`; their fast kernels
+in :mod:`galpipe.nn.fast`.
 """
 
 from __future__ import annotations

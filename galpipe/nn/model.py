@@ -26,10 +26,8 @@ import numpy as np
 # Importing the layer modules registers every built-in layer type.
 import galpipe.nn.layers  # noqa: F401
 from galpipe.errors import ModelError
-from galpipe.nn.activations import ReLU
-from galpipe.nn.base import Layer, compute_region, layer_from_spec, register
-from galpipe.nn.conv import Conv2D
-from galpipe.nn.pooling import MaxPool2D
+from galpipe.nn.base import Layer, LayerProtocol, Step, layer_from_spec, register
+from galpipe.nn.fast.threads import compute_region
 
 
 # --------------------------------------------------------------------------- spec expansion
@@ -141,6 +139,22 @@ class _Container(Layer):
     def n_params(self) -> int:
         return int(sum(child.n_params() for _, child in self.named_children()))
 
+    def use_fast_path(self, enabled: bool = True) -> None:
+        """Run the fast kernels of :mod:`galpipe.nn.fast` (default) or only the reference
+        layers (``enabled=False``), in this container and every nested one."""
+        for _, child in self.named_children():
+            if isinstance(child, _Container):
+                child.use_fast_path(enabled)
+
+    def set_mc_dropout(self, enabled: bool) -> None:
+        """Make every dropout layer (nested ones included) draw masks even in inference
+        mode (Monte-Carlo dropout; see :func:`galpipe.nn.inference.mc_dropout_active`)."""
+        for _, child in self.named_children():
+            if isinstance(child, _Container):
+                child.set_mc_dropout(enabled)
+            elif hasattr(child, "mc_sampling"):
+                child.mc_sampling = bool(enabled)
+
 
 @register("sequential")
 class Sequential(_Container):
@@ -157,12 +171,14 @@ class Sequential(_Container):
     Notes
     -----
     Use :func:`build_model` to build a model with a known input shape and seed.
-    Some adjacent layers are executed fused (see :meth:`_make_plan`): identical
+    By default layers run on the fast path: each layer may offer a fast step,
+    possibly fused with the layers after it (:meth:`Layer.fast_step
+    <galpipe.nn.base.Layer.fast_step>`; see :meth:`execution_plan`): identical
     outputs and input gradients (parameter gradients up to the order of float
     sums), much less memory traffic -- e.g. ``conv2d, relu, maxpool2d`` pools each
-    piece of the convolution output while it is in cache.
-    After a fused forward pass the individual layers' caches are not populated,
-    so run the backward pass through the container.
+    piece of the convolution output while it is in cache.  After a forward pass the
+    individual layers' caches are not populated, so run the backward pass through
+    the container.  :meth:`use_fast_path` switches to the reference layers.
     """
 
     def __init__(self, layers: Sequence[Any], name: str | None = None) -> None:
@@ -181,8 +197,12 @@ class Sequential(_Container):
             items = [layer_from_spec(s, where=f"layer {i}") for i, s in enumerate(pending)]
         if not items:
             raise ModelError("sequential: needs at least one layer")
+        for i, item in enumerate(items):
+            if not isinstance(item, LayerProtocol):
+                raise ModelError(f"sequential: item {i} ({item!r}) is not a layer")
         self.layers: list[Layer] = items
-        self._plan: list[tuple[str, tuple[int, ...]]] | None = None
+        self.fast = True
+        self._plan: list[tuple[Step, tuple[int, ...]]] | None = None
 
     # -- structure ------------------------------------------------------------------
     def named_children(self) -> list[tuple[str, Layer]]:
@@ -204,19 +224,6 @@ class Sequential(_Container):
 
     def __getitem__(self, index: int) -> Layer:
         return self.layers[index]
-
-    # -- public model API -----------------------------------------------------------
-    def parameters(self) -> dict[str, np.ndarray]:
-        """Flat ``name -> live parameter array`` (optimisers update these in place)."""
-        return self.params
-
-    def gradients(self) -> dict[str, np.ndarray]:
-        """Flat ``name -> gradient array`` with the same keys as :meth:`parameters`."""
-        return self.grads
-
-    def buffers(self) -> dict[str, np.ndarray]:
-        """Flat ``name -> buffer`` (BatchNorm running statistics), same naming scheme."""
-        return self.state
 
     # -- build ----------------------------------------------------------------------
     def build(
@@ -248,44 +255,41 @@ class Sequential(_Container):
         self._plan = self._make_plan()
         return shape
 
-    def _make_plan(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Execution steps ``(kind, layer indices)``; adjacent layers may be fused.
+    def _make_plan(self) -> list[tuple[Step, tuple[int, ...]]]:
+        """Execution steps ``(step, layer indices)``.
 
-        * ``conv2d, relu, maxpool2d`` (2x2, stride 2, even size) -> ``"conv_relu_pool"``
-        * ``conv2d, relu`` -> ``"conv_relu"``
-        * ``relu, maxpool2d`` -> ``"relu_pool"`` (pool first, then ReLU on 4x fewer values)
-
-        Fused steps compute what the separate layers compute (outputs and input
-        gradients bit for bit).
+        Each layer in turn is asked for a fast step (given the layers after it, which
+        the step may fuse); a layer without one (or all, when :attr:`fast` is off) is
+        its own step.
         """
-        plan: list[tuple[str, tuple[int, ...]]] = []
-        layers = self.layers
+        plan: list[tuple[Step, tuple[int, ...]]] = []
         i = 0
-        while i < len(layers):
-            a = layers[i]
-            b = layers[i + 1] if i + 1 < len(layers) else None
-            c = layers[i + 2] if i + 2 < len(layers) else None
-            if type(a) is Conv2D and type(b) is ReLU:
-                ho, wo = a.output_shape[:2]  # type: ignore[index]
-                if (
-                    type(c) is MaxPool2D
-                    and c.pool_size == (2, 2)
-                    and c.stride == (2, 2)
-                    and ho % 2 == 0
-                    and wo % 2 == 0
-                ):
-                    plan.append(("conv_relu_pool", (i, i + 1, i + 2)))
-                    i += 3
-                else:
-                    plan.append(("conv_relu", (i, i + 1)))
-                    i += 2
-            elif type(a) is ReLU and type(b) is MaxPool2D:
-                plan.append(("relu_pool", (i, i + 1)))
-                i += 2
-            else:
-                plan.append(("single", (i,)))
+        while i < len(self.layers):
+            layer = self.layers[i]
+            step = layer.fast_step(self.layers[i + 1 :]) if self.fast else None
+            if step is None:
+                plan.append((layer, (i,)))  # type: ignore[arg-type]
                 i += 1
+            else:
+                plan.append((step, tuple(range(i, i + step.size))))
+                i += step.size
         return plan
+
+    def execution_plan(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(kind, layer indices)`` of every step, e.g. ``("conv_relu_pool", (0, 1, 2))``;
+        kind ``"layer"`` is a layer run by itself (reference implementation)."""
+        if self._plan is None:
+            raise ModelError("sequential: not built")
+        return [(step.kind if step is not self.layers[idx[0]] else "layer", idx)
+                for step, idx in self._plan]
+
+    def use_fast_path(self, enabled: bool = True) -> None:
+        """Run the layers' fast steps (default) or the reference layers only; nested
+        containers follow."""
+        self.fast = bool(enabled)
+        if self.built:
+            self._plan = self._make_plan()
+        super().use_fast_path(enabled)
 
     # -- forward / backward -------------------------------------------------------------
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
@@ -305,18 +309,8 @@ class Sequential(_Container):
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
         assert self._plan is not None
-        for kind, idx in self._plan:
-            first = self.layers[idx[0]]
-            if kind == "single":
-                x = first.forward(x, training)
-            elif kind == "relu_pool":
-                relu, pool = first, self.layers[idx[1]]
-                assert isinstance(relu, ReLU) and isinstance(pool, MaxPool2D)
-                x = relu.forward_inplace(pool.forward(x, training))
-            else:
-                assert isinstance(first, Conv2D)
-                x = first.forward_fused(x, training, "relu" if kind == "conv_relu" else
-                                        "relu_pool")
+        for step, _ in self._plan:
+            x = step.forward(x, training)
         return x
 
     def backward(self, dout: np.ndarray, input_grad: bool | None = None) -> np.ndarray | None:
@@ -351,17 +345,10 @@ class Sequential(_Container):
         for i, layer in enumerate(self.layers):
             layer.input_grad_needed = need or i > first
         d: np.ndarray | None = np.asarray(dout, dtype=self.dtype)
-        for kind, idx in reversed(self._plan):
+        for step, idx in reversed(self._plan):
             if idx[-1] < first:
                 break
-            head = self.layers[idx[0]]
-            if kind == "single":
-                d = head.backward(d)
-            elif kind == "relu_pool":
-                d = self.layers[idx[1]].backward(head.backward(d))
-            else:
-                assert isinstance(head, Conv2D)
-                d = head.backward_fused(d)
+            d = step.backward(d)  # type: ignore[arg-type]
         return d if need else None
 
     def set_rng(self, rng: np.random.Generator) -> None:

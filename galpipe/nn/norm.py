@@ -44,12 +44,6 @@ class BatchNorm(Layer):
         self.eps = float(eps)
         self._cache: dict[str, Any] = {}
 
-    def get_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"type": self.type_name, "momentum": self.momentum, "eps": self.eps}
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
-
     def _build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
         if len(input_shape) not in (1, 3):
             raise ModelError(

@@ -1,7 +1,7 @@
 """Optimisers (outside the layers), gradient clipping and the optimiser factory.
 
 Optimisers hold references to the model's *live* parameter arrays
-(``model.parameters()``) and update them in place in :meth:`step`.
+(``model.params``) and update them in place in :meth:`step`.
 
 Weight-decay rule: decay (L2 for :class:`SGD`/:class:`Adam`, decoupled for
 :class:`AdamW`) applies only to parameters with ``ndim >= 2`` -- convolution
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import parallel_chunks
+from galpipe.nn.arrays import check_arrays
+from galpipe.nn.fast.threads import parallel_chunks
 
 #: Parameters with at least this many elements are updated by several workers.
 _PARALLEL_MIN = 1 << 17
@@ -122,26 +123,11 @@ class Optimizer:
         ModelError
             Listing missing and unexpected keys and shape mismatches.
         """
-        expected = {"step": (), "lr": ()}
+        expected = {"step": np.array(0, dtype=np.int64), "lr": np.array(0.0)}
         for slot, bufs in self.buffers.items():
             for k, b in bufs.items():
-                expected[f"{slot}.{k}"] = b.shape
-        missing = sorted(set(expected) - set(d))
-        unexpected = sorted(set(d) - set(expected))
-        shapes = [
-            f"{k}: expected {expected[k]}, got {np.shape(d[k])}"
-            for k in expected
-            if k in d and np.shape(d[k]) != expected[k]
-        ]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected}")
-            if shapes:
-                parts.append("shape mismatches: " + "; ".join(shapes))
-            raise ModelError(f"{type(self).__name__}.load_state_dict: " + ", ".join(parts))
+                expected[f"{slot}.{k}"] = b
+        check_arrays(d, expected, where=f"{type(self).__name__}.load_state_dict")
         self.t = int(np.asarray(d["step"]))
         self.lr = float(np.asarray(d["lr"]))
         for slot, bufs in self.buffers.items():

@@ -8,7 +8,7 @@ Layout of a model directory:
   "n_params": ..., "metadata": {...}}`` -- ``metadata`` is whatever the caller
   passes (class names, bands, normalisation, ...), JSON-serialisable.
 * ``weights.npz``: one array per parameter (key ``"param:<name>"``) and per buffer
-  (``"buffer:<name>"``), names as in :meth:`Sequential.parameters`.  Plain arrays
+  (``"buffer:<name>"``), names as in :attr:`Sequential.params` / ``state``.  Plain arrays
   only: it loads with ``np.load(..., allow_pickle=False)``.
 
 Both files are written atomically (temporary file + rename).  Loading checks every
@@ -27,7 +27,8 @@ import numpy as np
 
 import galpipe
 from galpipe.errors import ModelError
-from galpipe.io import atomic_path, atomic_write_text
+from galpipe.io.atomic import atomic_path, atomic_write_text
+from galpipe.nn.arrays import assign_arrays, read_npz
 from galpipe.nn.model import Sequential, build_model
 
 MODEL_JSON = "model.json"
@@ -37,8 +38,8 @@ FORMAT_VERSION = 1
 
 
 def _weight_arrays(model: Sequential) -> dict[str, np.ndarray]:
-    arrays = {f"param:{k}": v for k, v in model.parameters().items()}
-    arrays.update({f"buffer:{k}": v for k, v in model.buffers().items()})
+    arrays = {f"param:{k}": v for k, v in model.params.items()}
+    arrays.update({f"buffer:{k}": v for k, v in model.state.items()})
     return arrays
 
 
@@ -148,30 +149,5 @@ def load_model(directory: str | os.PathLike[str]) -> tuple[Sequential, dict[str,
     wpath = directory / WEIGHTS_NPZ
     if not wpath.is_file():
         raise ModelError(f"{wpath}: not found")
-    targets = _weight_arrays(model)
-    try:
-        with np.load(wpath, allow_pickle=False) as npz:
-            stored = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{wpath}: not a readable .npz of plain arrays ({exc})") from exc
-    missing = sorted(set(targets) - set(stored))
-    unexpected = sorted(set(stored) - set(targets))
-    mismatched = [
-        f"{k}: expected {targets[k].shape}, got {stored[k].shape}"
-        for k in targets
-        if k in stored and stored[k].shape != targets[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            parts.append("shape mismatches: " + "; ".join(mismatched))
-        raise ModelError(f"{wpath} does not match the architecture: " + ", ".join(parts))
-    for k, target in targets.items():
-        if not np.issubdtype(stored[k].dtype, np.floating):
-            raise ModelError(f"{wpath}: array {k!r} has non-float dtype {stored[k].dtype}")
-        target[...] = stored[k]
+    assign_arrays(_weight_arrays(model), read_npz(wpath), where=str(wpath))
     return model, doc["metadata"]

@@ -8,21 +8,20 @@ loop over the ``ph*pw`` kernel offsets with strided slices (for the common
 Python loop and no ``np.add.at``.
 
 Max pooling routes the gradient to the *first* maximum of each window in
-row-major window order (ties: one winner, like PyTorch).
+row-major window order (ties: one winner, like PyTorch).  The fast step
+(:mod:`galpipe.nn.fast.pool`) is separable and breaks ties column-wise first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from galpipe.errors import ModelError
-from galpipe.nn.base import BufferCache, Layer, parallel_chunks, register
-from galpipe.nn.conv import _jsonable, as_pair
-
-#: Batches smaller than this many elements per chunk are pooled on one thread.
-_MIN_PARALLEL = 1 << 16
+from galpipe.nn.base import Layer, Step, register
+from galpipe.nn.conv import as_pair
 
 
 def _pool_geometry(
@@ -52,21 +51,7 @@ class _Pool2D(Layer):
         self.stride = self.pool_size if stride is None else as_pair(
             stride, f"{self.type_name}: stride"
         )
-        self._stride_given = stride is not None
         self._cache: dict[str, Any] = {}
-        self._bufs = BufferCache()
-
-    def get_config(self) -> dict[str, Any]:
-        ps = self.pool_size
-        cfg: dict[str, Any] = {
-            "type": self.type_name,
-            "pool_size": ps[0] if ps[0] == ps[1] else _jsonable(ps),
-        }
-        st = self.stride
-        cfg["stride"] = (st[0] if st[0] == st[1] else _jsonable(st)) if self._stride_given else None
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
 
     def _build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
         ho, wo = _pool_geometry(input_shape, self.pool_size, self.stride, self.type_name)
@@ -87,10 +72,6 @@ class _Pool2D(Layer):
                 f"got {x.shape[1:]}"
             )
 
-    def _min_chunk(self, x: np.ndarray) -> int:
-        per_sample = max(int(np.prod(x.shape[1:])), 1)
-        return max(1, _MIN_PARALLEL // per_sample)
-
     def _covers(self) -> bool:
         """Windows tile the input exactly (no overlap, no gaps)."""
         h, w, _ = self.input_shape  # type: ignore[misc]
@@ -110,162 +91,46 @@ class _Pool2D(Layer):
 class MaxPool2D(_Pool2D):
     """Max pooling over ``pool_size`` windows moved by ``stride`` (default: ``pool_size``).
 
-    Input ``(N, H, W, C)``, output ``(N, Ho, Wo, C)`` with
-    ``Ho = (H - ph) // sh + 1``.  Each window's gradient goes to exactly one
-    maximal element (ties have a single winner).
-
-    Notes
-    -----
-    With ``stride == pool_size`` (the usual case) pooling is separable: first the
-    maximum over the ``ph`` rows of each window (contiguous ``W*C`` runs, fast),
-    then over the ``pw`` columns; the winning row/column indices are kept as
-    small integer maps for the backward pass.  Other strides loop over the
-    window offsets and route the gradient to the first maximum in row-major
-    window order.
+    Input ``(N, H, W, C)``, output ``(N, Ho, Wo, C)`` with ``Ho = (H - ph) // sh + 1``.
+    Each window's gradient goes to exactly one maximal element: the first in
+    row-major window order.  With ``stride == pool_size`` the fast step
+    (:class:`~galpipe.nn.fast.pool.MaxPoolStep`, separable) is used; a 2x2 stride-2
+    pool declares ``fusion_tag = "maxpool2x2"`` and fuses into ``conv2d, relu``.
     """
+
+    @property
+    def fusion_tag(self) -> str | None:
+        return "maxpool2x2" if self.pool_size == self.stride == (2, 2) else "maxpool"
+
+    def fast_step(self, following: Sequence[Layer]) -> Step | None:
+        """Separable threaded pooling when the windows do not overlap."""
+        from galpipe.nn.fast.pool import MaxPoolStep
+
+        return MaxPoolStep(self) if self.stride == self.pool_size else None
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._check_input(x)
-        if self.stride == self.pool_size:
-            return self._forward_separable(x)
-        n, c = x.shape[0], x.shape[3]
-        ho, wo = self._out_hw
         ph, pw = self.pool_size
-        out = np.empty((n, ho, wo, c), dtype=x.dtype)
-
-        def work(lo: int, hi: int) -> None:
-            xs = x[lo:hi]
-            o = out[lo:hi]
-            np.copyto(o, self._window(xs, 0, 0))
-            for i in range(ph):
-                for j in range(pw):
-                    if i or j:
-                        np.maximum(o, self._window(xs, i, j), out=o)
-
-        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
+        out = self._window(x, 0, 0).copy()
+        for k in range(1, ph * pw):
+            np.maximum(out, self._window(x, *divmod(k, pw)), out=out)
         self._cache = {"x": x, "out": out}
         return out
 
-    def _forward_separable(self, x: np.ndarray) -> np.ndarray:
-        n, c = x.shape[0], x.shape[3]
-        ho, wo = self._out_hw
-        ph, pw = self.pool_size
-        wc = wo * pw  # columns used (floor mode drops the rest)
-        out = np.empty((n, ho, wo, c), dtype=x.dtype)
-        rowmax = self._bufs.get("rowmax", (n, ho, wc, c), x.dtype)
-
-        def work(lo: int, hi: int) -> None:
-            xs = x[lo:hi, : ho * ph, :wc]
-            r = rowmax[lo:hi]
-            np.copyto(r, xs[:, 0::ph])
-            for i in range(1, ph):
-                np.maximum(r, xs[:, i::ph], out=r)
-            r5 = r.reshape(hi - lo, ho, wo, pw, c)
-            o = out[lo:hi]
-            np.copyto(o, r5[:, :, :, 0])
-            for j in range(1, pw):
-                np.maximum(o, r5[:, :, :, j], out=o)
-
-        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
-        # The winners are found in the backward pass (nothing extra at inference).
-        self._cache = {"x": x, "rowmax": rowmax, "separable": True}
-        return out
-
     def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Route ``dout`` ``(N, Ho, Wo, C)`` to the first maximum of each window."""
         if not self._cache:
             raise ModelError("maxpool2d: backward called before forward")
-        if self._cache.get("separable"):
-            return self._backward_separable(dout)
-        x: np.ndarray = self._cache["x"]
-        out: np.ndarray = self._cache["out"]
+        x, out = self._cache["x"], self._cache["out"]
         dout = np.asarray(dout, dtype=x.dtype)
-        n = x.shape[0]
         ph, pw = self.pool_size
         dx = np.zeros_like(x)
-
-        def work(lo: int, hi: int) -> None:
-            xs, o, d, g = x[lo:hi], out[lo:hi], dout[lo:hi], dx[lo:hi]
-            # ``free`` marks windows whose maximum has not been claimed yet (first wins).
-            free = np.ones(o.shape, dtype=bool)
-            hit = np.empty(o.shape, dtype=bool)
-            last = ph * pw - 1
-            for k in range(ph * pw):
-                i, j = divmod(k, pw)
-                if k < last:
-                    np.equal(self._window(xs, i, j), o, out=hit)
-                    np.logical_and(hit, free, out=hit)
-                    np.logical_xor(free, hit, out=free)
-                else:
-                    hit = free
-                gw = self._window(g, i, j)
-                gw += d * hit
-
-        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
+        free = np.ones(out.shape, dtype=bool)  # windows whose maximum is not claimed yet
+        for k in range(ph * pw):
+            hit = (self._window(x, *divmod(k, pw)) == out) & free
+            free &= ~hit
+            self._window(dx, *divmod(k, pw))[...] += dout * hit
         return dx
-
-    def _backward_separable(self, dout: np.ndarray) -> np.ndarray:
-        x: np.ndarray = self._cache["x"]
-        rowmax: np.ndarray = self._cache["rowmax"]
-        n, h, w, c = x.shape
-        ho, wo = self._out_hw
-        ph, pw = self.pool_size
-        wc = wo * pw
-        d = np.asarray(dout, dtype=x.dtype)
-        covers = h == ho * ph and w == wc
-        dx = np.empty_like(x) if covers else np.zeros_like(x)
-        dcol = self._bufs.get("dcol", (n, ho, wc, c), x.dtype)
-
-        def work(lo: int, hi: int) -> None:
-            m = hi - lo
-            # columns: route d to the winning column of each window's row-maxima
-            r5 = rowmax[lo:hi].reshape(m, ho, wo, pw, c)
-            dc5 = dcol[lo:hi].reshape(m, ho, wo, pw, c)
-            _route([r5[:, :, :, j] for j in range(pw)], d[lo:hi],
-                   [dc5[:, :, :, j] for j in range(pw)])
-            # rows: route each column's gradient to the winning row
-            xs = x[lo:hi, : ho * ph, :wc]
-            g = dx[lo:hi, : ho * ph, :wc]
-            if ph == 2 and covers:
-                # one multiply with a contiguous output: dx = dcol (repeated) * mask
-                x3 = xs.reshape(m * ho, 2, wc * c)
-                mask = np.empty((m * ho, 2, wc * c), dtype=bool)
-                np.greater(x3[:, 1], x3[:, 0], out=mask[:, 1])  # ties: first row wins
-                np.logical_not(mask[:, 1], out=mask[:, 0])
-                np.multiply(dcol[lo:hi].reshape(m * ho, 1, wc * c), mask,
-                            out=g.reshape(m * ho, 2, wc * c))
-            else:
-                _route([xs[:, i::ph] for i in range(ph)], dcol[lo:hi],
-                       [g[:, i::ph] for i in range(ph)])
-
-        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
-        return dx
-
-
-def _route(cands: list[np.ndarray], grad: np.ndarray, outs: list[np.ndarray]) -> None:
-    """``outs[k] = grad`` where ``cands[k]`` is the first maximum of the candidates, else 0.
-
-    Masked NumPy writes (``where=``, boolean indexing) are slow on random masks, so
-    everything is arithmetic: a winner map updated as ``idx += (k - idx) * (v > best)``
-    (uint8, exact modulo 256), then ``outs[k] = grad * (idx == k)``.
-    """
-    if len(cands) == 2:
-        upd = np.greater(cands[1], cands[0])  # strict: ties go to the first
-        np.multiply(grad, upd, out=outs[1])
-        np.subtract(grad, outs[1], out=outs[0])  # exact: grad - grad or grad - 0
-        return
-    best = cands[0].copy()
-    idx = np.zeros(best.shape, dtype=np.uint8)
-    upd = np.empty(best.shape, dtype=bool)
-    tmp = np.empty(best.shape, dtype=np.uint8)
-    for k, v in enumerate(cands[1:], start=1):
-        np.greater(v, best, out=upd)
-        np.maximum(best, v, out=best)
-        np.subtract(k, idx, out=tmp)
-        np.multiply(tmp, upd, out=tmp)
-        idx += tmp
-    for k, o in enumerate(outs):
-        np.equal(idx, k, out=upd)
-        np.multiply(grad, upd, out=o)
 
 
 @register("avgpool2d")
@@ -282,17 +147,12 @@ class AvgPool2D(_Pool2D):
         ph, pw = self.pool_size
         scale = 1.0 / (ph * pw)
         out = np.empty((n, ho, wo, c), dtype=x.dtype)
-
-        def work(lo: int, hi: int) -> None:
-            xs, o = x[lo:hi], out[lo:hi]
-            np.copyto(o, self._window(xs, 0, 0))
-            for i in range(ph):
-                for j in range(pw):
-                    if i or j:
-                        np.add(o, self._window(xs, i, j), out=o)
-            o *= scale
-
-        parallel_chunks(work, n, min_chunk=self._min_chunk(x))
+        np.copyto(out, self._window(x, 0, 0))
+        for i in range(ph):
+            for j in range(pw):
+                if i or j:
+                    np.add(out, self._window(x, i, j), out=out)
+        out *= scale
         self._cache = {"shape": x.shape, "dtype": x.dtype}
         return out
 
@@ -321,12 +181,6 @@ class GlobalAvgPool(Layer):
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
         self._shape: tuple[int, ...] | None = None
-
-    def get_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"type": self.type_name}
-        if self.name is not None:
-            cfg["name"] = self.name
-        return cfg
 
     def _build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
         if len(input_shape) != 3:

@@ -45,6 +45,14 @@ def _number(spec: Mapping[str, Any], key: str, default: float, *, positive: bool
     return float(value)
 
 
+def schedule_keys(kind: str) -> frozenset[str]:
+    """The spec keys a schedule of type ``kind`` accepts (``type`` included)."""
+    try:
+        return frozenset(_KEYS[str(kind).lower()])
+    except KeyError:
+        raise ConfigError(f"lr schedule: unknown type {kind!r}; valid: {', '.join(sorted(_KEYS))}") from None
+
+
 def make_schedule(
     spec: Mapping[str, Any] | None,
     base_lr: float,

@@ -53,7 +53,7 @@ def summary(model: Sequential) -> str:
     ]
     total_params = sum(r["params"] for r in rows)
     total_flops = sum(r["flops"] for r in rows)
-    n_buffers = sum(int(b.size) for b in model.buffers().values())
+    n_buffers = sum(int(b.size) for b in model.state.values())
     widths = [max(len(header[i]), *(len(row[i]) for row in body)) for i in range(5)]
 
     def line(cells: tuple[str, ...]) -> str:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import hashlib
 import io
 import json
@@ -49,7 +48,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +57,12 @@ import numpy as np
 from tqdm import tqdm
 
 from galpipe.errors import ConfigError, DataError, ModelError
-from galpipe.io import atomic_path, atomic_write_text
+from galpipe.io.atomic import atomic_path, atomic_write_text
+from galpipe.nn.arrays import assign_arrays, read_npz
 from galpipe.nn.augment import random_augment
 from galpipe.nn.data import STREAM_AUGMENT, STREAM_DROPOUT, Dataset, epoch_rng
 from galpipe.nn.losses import SoftmaxCrossEntropy, log_softmax
-from galpipe.nn.optim import OPTIMIZERS, clip_grad_norm, make_optimizer
+from galpipe.nn.optim import clip_grad_norm, make_optimizer
 from galpipe.nn.schedules import make_schedule
 
 logger = logging.getLogger(__name__)
@@ -71,164 +71,109 @@ CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_FORMAT = "galpipe-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
-_METRICS = ("val_loss", "val_balanced_acc")
-_WEIGHTINGS = ("none", "balanced")
 
 
 # --------------------------------------------------------------------------- config
-def _is_int(v: object) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of :func:`fit`.
+    """Hyper-parameters of :func:`fit`: the config's ``training:`` section plus the run's seed.
+
+    The fields are exactly the schema's ``training`` keys (``$defs/training`` in
+    ``galpipe/schemas/config.schema.yaml``, which gives each one's meaning, range
+    and default) and ``seed``.  There are no defaults here: build it with
+    :meth:`from_dict`, which validates a (partial) mapping against the schema and
+    fills the schema's defaults, so a library caller and the pipeline get the
+    same values for the same keys.
 
     Attributes
     ----------
-    epochs : int
-        Maximum number of passes over the training set.
-    batch_size : int
-        Training mini-batch size (the last batch of an epoch may be smaller).
-    optimizer : str
-        ``"sgd"``, ``"adam"`` or ``"adamw"`` (see :mod:`galpipe.nn.optim`).
-    optimizer_kwargs : dict
-        Extra optimizer arguments (``momentum``, ``beta1`` ...).
-    lr : float
-        Base learning rate (the schedule scales it).
-    weight_decay : float or None
-        Passed to the optimizer (L2 for sgd/adam, decoupled for adamw); None
-        keeps the optimizer's default (0 for sgd/adam, 0.01 for adamw).
-    schedule : dict or None
-        Learning-rate schedule spec for :func:`galpipe.nn.schedules.make_schedule`
-        (None: constant ``lr``).
+    epochs, batch_size, optimizer, lr, momentum, nesterov, weight_decay
+        Passes over the training set, mini-batch size, optimiser and its settings
+        (``momentum``/``nesterov`` are used by ``sgd`` only).
+    schedule : mapping
+        Learning-rate schedule: ``type`` (constant | step | cosine),
+        ``warmup_epochs``, ``step_size``, ``gamma``, ``min_lr``.
     grad_clip : float or None
-        Clip the global gradient norm to this value (None: no clipping).
+        Global gradient-norm clip (None: none).
     label_smoothing : float
-        Label smoothing of the training loss, in ``[0, 1)``.
+        Label smoothing of the training loss.
     class_weighting : str
-        ``"none"`` or ``"balanced"``: weight class ``k`` by
-        ``N / (K * n_k)`` from the training label counts ``n_k`` (classes
-        absent from the training set get weight 1).  The weights apply to the
-        training loss and to the validation loss.
-    augment : bool
-        Random D4 symmetry (and shift up to ``max_shift``) per training image.
-    max_shift : int
-        Largest circular translation in pixels when ``augment`` (0: none).
-    early_stopping_patience : int or None
-        Stop after this many epochs without improvement of
-        ``early_stopping_metric`` (None or 0: never stop early).  The weights of
-        the best epoch are restored at the end in any case.
-    early_stopping_metric : str
-        ``"val_loss"`` (default; lower is better, smooth and sensitive) or
-        ``"val_balanced_acc"`` (higher is better; robust to class imbalance).
-    min_delta : float
-        Smallest change of the metric that counts as an improvement.
+        ``"none"`` or ``"balanced"``: weight class ``k`` by ``N / (K * n_k)``
+        (training and validation loss).
+    augment, max_shift
+        Random D4 symmetry and shifts up to ``max_shift`` pixels per training image.
+    early_stopping_patience : int
+        Epochs without improvement of ``early_stopping_metric`` (by more than
+        ``min_delta``) before stopping; 0 never stops early.  The best epoch's
+        weights are restored at the end in any case.
+    early_stopping_metric, min_delta
+        ``"val_loss"`` or ``"val_balanced_acc"``; smallest improvement that counts.
+    shuffle_buffer, eval_batch_size
+        Rows in the streaming shuffle buffer; batch size of validation passes.
     seed : int
         Seed of every random stream (shuffling, augmentation, dropout).
-    shuffle_buffer : int
-        Rows held in the streaming shuffle buffer.
-    eval_batch_size : int
-        Batch size of the validation passes.
     """
 
-    epochs: int = 20
-    batch_size: int = 64
-    optimizer: str = "adam"
-    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-3
-    weight_decay: float | None = None
-    schedule: dict[str, Any] | None = None
-    grad_clip: float | None = None
-    label_smoothing: float = 0.0
-    class_weighting: str = "none"
-    augment: bool = False
-    max_shift: int = 0
-    early_stopping_patience: int | None = None
-    early_stopping_metric: str = "val_loss"
-    min_delta: float = 0.0
-    seed: int = 0
-    shuffle_buffer: int = 2048
-    eval_batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        def bad(key: str, expected: str) -> ConfigError:
-            return ConfigError(
-                f"training config: {key} must be {expected}, got {getattr(self, key)!r}"
-            )
-
-        for key, low in (("epochs", 1), ("batch_size", 1), ("max_shift", 0), ("seed", 0),
-                         ("shuffle_buffer", 1), ("eval_batch_size", 1)):
-            v = getattr(self, key)
-            if not _is_int(v) or v < low:
-                raise bad(key, f"an integer >= {low}")
-            setattr(self, key, int(v))
-        if not _is_num(self.lr) or not self.lr > 0 or not math.isfinite(self.lr):
-            raise bad("lr", "a positive number")
-        if self.weight_decay is not None and (
-            not _is_num(self.weight_decay) or not 0 <= self.weight_decay < math.inf
-        ):
-            raise bad("weight_decay", "a number >= 0 or null")
-        if not _is_num(self.min_delta) or not 0 <= self.min_delta < math.inf:
-            raise bad("min_delta", "a number >= 0")
-        if self.grad_clip is not None and (not _is_num(self.grad_clip) or not self.grad_clip > 0):
-            raise bad("grad_clip", "a positive number or null")
-        if not _is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
-            raise bad("label_smoothing", "a number in [0, 1)")
-        if self.class_weighting not in _WEIGHTINGS:
-            raise bad("class_weighting", f"one of {list(_WEIGHTINGS)}")
-        if self.early_stopping_metric not in _METRICS:
-            raise bad("early_stopping_metric", f"one of {list(_METRICS)}")
-        p = self.early_stopping_patience
-        if p is not None and (not _is_int(p) or p < 0):
-            raise bad("early_stopping_patience", "an integer >= 0 or null")
-        if not isinstance(self.augment, bool):
-            raise bad("augment", "true or false")
-        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
-            raise bad("optimizer", f"one of {sorted(OPTIMIZERS)}")
-        if not isinstance(self.optimizer_kwargs, dict):
-            raise bad("optimizer_kwargs", "a mapping")
-        clash = sorted({"lr", "weight_decay", "params"} & set(self.optimizer_kwargs))
-        if clash:
-            raise ConfigError(
-                f"training config: optimizer_kwargs must not contain {clash}; set them as "
-                "top-level keys (lr, weight_decay)"
-            )
-        if self.schedule is not None and not isinstance(self.schedule, dict):
-            raise bad("schedule", "a mapping or null")
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: Mapping[str, Any]
+    grad_clip: float | None
+    label_smoothing: float
+    class_weighting: str
+    augment: bool
+    max_shift: int
+    early_stopping_patience: int
+    early_stopping_metric: str
+    min_delta: float
+    shuffle_buffer: int
+    eval_batch_size: int
+    seed: int
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, *, where: str = "training config") -> TrainConfig:
-        """Build a config from a mapping (e.g. YAML), rejecting unknown keys.
+    def from_dict(cls, d: Mapping[str, Any] | None = None, *, where: str = "training") -> TrainConfig:
+        """Validate a (partial) ``training`` mapping, plus an optional ``seed``, against the schema.
+
+        Missing keys take the schema's defaults (the run's ``seed`` too).
 
         Raises
         ------
         ConfigError
-            Unknown keys (named, with the closest valid key) or bad values.
+            An unknown key or a bad value, naming ``<where>.<key>``.
         """
+        from galpipe.config import validate_config
+
         d = dict(d or {})
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(str(k), known, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(known)}"
-            )
+        top = {"seed": d.pop("seed")} if "seed" in d else {}
         try:
-            return cls(**d)
+            full = validate_config({"training": d, **top})
         except ConfigError as exc:
-            raise ConfigError(str(exc).replace("training config", where, 1)) from exc
+            msg = str(exc)
+            raise ConfigError(msg.replace("'training", f"'{where}", 1) if "'training" in msg
+                              else f"{where}: {msg}") from exc
+        return cls(**full["training"], seed=int(full["seed"]))
+
+    @property
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Settings of the chosen optimiser besides ``lr`` and ``weight_decay``."""
+        return {"momentum": self.momentum, "nesterov": self.nesterov} if self.optimizer == "sgd" else {}
+
+    @property
+    def schedule_spec(self) -> dict[str, Any]:
+        """The schedule keys that its ``type`` uses (for :func:`galpipe.nn.schedules.make_schedule`)."""
+        from galpipe.nn.schedules import schedule_keys
+
+        return {k: v for k, v in self.schedule.items() if k in schedule_keys(self.schedule["type"])}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy (round-trips through :meth:`from_dict`)."""
-        return copy.deepcopy(dataclasses.asdict(self))
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["schedule"] = dict(self.schedule)
+        return copy.deepcopy(out)
 
 
 # --------------------------------------------------------------------------- history
@@ -466,26 +411,13 @@ def _snapshot(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in arrays.items()}
 
 
-def _assign(live: dict[str, np.ndarray], saved: dict[str, np.ndarray], what: str) -> None:
-    if set(live) != set(saved):
-        raise ModelError(
-            f"checkpoint {what} names {sorted(saved)} do not match the model's {sorted(live)}"
-        )
-    for k, arr in live.items():
-        if arr.shape != saved[k].shape:
-            raise ModelError(
-                f"checkpoint {what} {k!r} has shape {saved[k].shape}, model has {arr.shape}"
-            )
-        arr[...] = saved[k]
-
-
 def _write_checkpoint(
     directory: Path, model: Any, optimizer: Any, cfg: TrainConfig, st: _RunState
 ) -> None:
     arrays: dict[str, np.ndarray] = {}
-    for k, v in model.parameters().items():
+    for k, v in model.params.items():
         arrays[f"param/{k}"] = v
-    for k, v in model.buffers().items():
+    for k, v in model.state.items():
         arrays[f"buffer/{k}"] = v
     for k, v in (st.best_params or {}).items():
         arrays[f"best_param/{k}"] = v
@@ -561,14 +493,13 @@ def _read_checkpoint(
         raise DataError(f"checkpoint {npath}: cannot read ({exc})") from exc
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise DataError(f"checkpoint {npath}: SHA-256 does not match {jpath} (corrupt file)")
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_npz(data, where=f"checkpoint {npath}")
 
     def group(prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
-    _assign(model.parameters(), group("param/"), "parameter")
-    _assign(model.buffers(), group("buffer/"), "buffer")
+    assign_arrays(model.params, group("param/"), where=f"checkpoint {npath} (parameters)")
+    assign_arrays(model.state, group("buffer/"), where=f"checkpoint {npath} (buffers)")
     optimizer.load_state_dict(_join_state(record["optimizer"], arrays))
     st = _RunState(
         epochs_done=int(record["epochs_done"]),
@@ -675,7 +606,52 @@ def fit(
         cfg = TrainConfig.from_dict(cfg)
     emit = log if log is not None else logger.info
     _check_compat(model, train_ds, val_ds)
+    run = _setup(model, train_ds, cfg, emit)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and has_checkpoint(ckpt):
+        st = _read_checkpoint(ckpt, model, run.optimizer, cfg)
+        emit(f"resuming from {ckpt / CHECKPOINT_JSON} after epoch {st.epochs_done}")
+    else:
+        st = _RunState()
+    st.history.class_weights = (None if run.class_weights is None
+                                else [float(w) for w in run.class_weights])
+    while not st.finished and st.epochs_done < cfg.epochs:
+        t0 = time.perf_counter()
+        epoch = st.epochs_done
+        train = _train_epoch(model, train_ds, cfg, run, st, progress)
+        if val_ds is not None:
+            val = evaluate(model, val_ds, batch_size=cfg.eval_batch_size,
+                           class_weights=run.class_weights)
+        else:
+            val = {"loss": math.nan, "acc": math.nan, "balanced_acc": math.nan}
+        st.epochs_done = epoch + 1
+        st.history.append(**train, val_loss=val["loss"], val_acc=val["acc"],
+                          val_balanced_acc=val["balanced_acc"], seconds=0.0)
+        _track_best(model, cfg, st, val if val_ds is not None else None)
+        st.history.seconds[-1] = time.perf_counter() - t0
+        if ckpt is not None:
+            _write_checkpoint(ckpt, model, run.optimizer, cfg, st)
+        emit(_epoch_line(st.history, cfg.epochs))
+    if st.best_params is not None:
+        assign_arrays(model.params, st.best_params, where="best-epoch parameters")
+        assign_arrays(model.state, st.best_buffers or {}, where="best-epoch buffers")
+    return st.history
 
+
+@dataclass
+class _Setup:
+    """What :func:`fit` derives from the config once: loss, optimizer and schedule."""
+
+    loss_fn: SoftmaxCrossEntropy
+    optimizer: Any
+    schedule: Callable[[int], float]
+    steps_per_epoch: int
+    class_weights: np.ndarray | None
+
+
+def _setup(model: Any, train_ds: Dataset, cfg: TrainConfig, emit: Callable[[str], None]
+           ) -> _Setup:
+    """Class weights, loss, optimizer (on ``model.params``) and learning-rate schedule."""
     weights: np.ndarray | None = None
     if cfg.class_weighting == "balanced":
         counts = np.bincount(train_ds.labels(), minlength=int(model.output_shape[-1]))
@@ -683,103 +659,105 @@ def fit(
         if np.any(counts == 0):
             emit(f"warning: classes {np.flatnonzero(counts == 0).tolist()} have no training rows")
     loss_fn = SoftmaxCrossEntropy(class_weights=weights, label_smoothing=cfg.label_smoothing)
-    opt_kwargs = dict(cfg.optimizer_kwargs)
-    if cfg.weight_decay is not None:
-        opt_kwargs["weight_decay"] = cfg.weight_decay
+    opt_kwargs = {**cfg.optimizer_kwargs, "weight_decay": cfg.weight_decay}
     try:
-        optimizer = make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, **opt_kwargs)
+        optimizer = make_optimizer(cfg.optimizer, model.params, lr=cfg.lr, **opt_kwargs)
     except ModelError as exc:
         raise ConfigError(f"training config: optimizer_kwargs: {exc}") from exc
     steps_per_epoch = math.ceil(train_ds.n_rows / cfg.batch_size)
-    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch)
+    schedule = make_schedule(cfg.schedule_spec, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch)
+    return _Setup(loss_fn, optimizer, schedule, steps_per_epoch, weights)
 
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and has_checkpoint(ckpt):
-        st = _read_checkpoint(ckpt, model, optimizer, cfg)
-        emit(f"resuming from {ckpt / CHECKPOINT_JSON} after epoch {st.epochs_done}")
-    else:
-        st = _RunState()
-    st.history.class_weights = None if weights is None else [float(w) for w in weights]
-    metric = cfg.early_stopping_metric
+
+def _train_epoch(model: Any, train_ds: Dataset, cfg: TrainConfig, run: _Setup, st: _RunState,
+                 progress: bool) -> dict[str, float]:
+    """One pass over the shuffled training set (epoch ``st.epochs_done``).
+
+    Returns the history columns ``epoch``, ``train_loss``, ``train_acc`` and ``lr``
+    (the learning rate of the epoch's first step); ``st.step`` advances.
+    """
+    epoch = st.epochs_done
+    model.set_rng(epoch_rng(cfg.seed, epoch, STREAM_DROPOUT))
+    aug_rng = epoch_rng(cfg.seed, epoch, STREAM_AUGMENT)
+    first_lr = float(run.schedule(st.step))
+    loss_sum = 0.0
+    correct = seen = 0
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not _progress_enabled(progress), unit="batch")
+    try:
+        for xb, yb in train_ds.iter_batches(
+            cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+            buffer_size=cfg.shuffle_buffer,
+        ):
+            if cfg.augment:
+                xb = random_augment(xb, aug_rng, max_shift=cfg.max_shift)
+            loss, logits = _train_step(model, xb, yb, cfg, run, st)
+            loss_sum += loss * len(yb)
+            correct += int(np.sum(np.argmax(logits, axis=-1) == yb))
+            seen += len(yb)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
+                            refresh=False)
+    finally:
+        bar.close()
+    return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "lr": first_lr}
+
+
+def _train_step(model: Any, xb: np.ndarray, yb: np.ndarray, cfg: TrainConfig, run: _Setup,
+                st: _RunState) -> tuple[float, np.ndarray]:
+    """Forward, loss, backward, clipping and optimizer step on one batch ``xb`` ``(B, ...)``.
+
+    Returns the loss and the logits ``(B, K)``; ``st.step`` advances.
+    """
+    lr = float(run.schedule(st.step))
+    logits = model.forward(xb, training=True)
+    loss = float(run.loss_fn.forward(logits, yb))
+    if not math.isfinite(loss):
+        raise ModelError(
+            f"training diverged: loss is {loss} at epoch {st.epochs_done + 1}, step "
+            f"{st.step} (lr={lr:g}); lower the learning rate or set grad_clip"
+        )
+    model.backward(run.loss_fn.backward(), input_grad=False)
+    grads = model.grads
+    if cfg.grad_clip is not None:
+        clip_grad_norm(grads, cfg.grad_clip)
+    run.optimizer.step(grads, lr=lr)
+    st.step += 1
+    return loss, logits
+
+
+def _track_best(model: Any, cfg: TrainConfig, st: _RunState, val: dict[str, float] | None
+                ) -> None:
+    """Early-stopping bookkeeping after epoch ``st.epochs_done``: keep the best weights,
+    count epochs without improvement, mark the run finished."""
+    epoch = st.epochs_done
     patience = cfg.early_stopping_patience or 0
+    if val is not None:
+        metric = cfg.early_stopping_metric
+        value = val["loss"] if metric == "val_loss" else val["balanced_acc"]
+        if _improved(metric, value, st.best_metric, cfg.min_delta):
+            st.best_metric = value
+            st.best_params = _snapshot(model.params)
+            st.best_buffers = _snapshot(model.state)
+            st.history.best_epoch = epoch
+            st.bad_epochs = 0
+        else:
+            st.bad_epochs += 1
+            if patience and st.bad_epochs >= patience:
+                st.finished = True
+                st.history.stopped_early = True
+    else:
+        st.history.best_epoch = epoch
+    if st.epochs_done >= cfg.epochs:
+        st.finished = True
 
-    while not st.finished and st.epochs_done < cfg.epochs:
-        epoch = st.epochs_done
-        t0 = time.perf_counter()
-        model.set_rng(epoch_rng(cfg.seed, epoch, STREAM_DROPOUT))
-        aug_rng = epoch_rng(cfg.seed, epoch, STREAM_AUGMENT)
-        first_lr = float(schedule(st.step))
-        loss_sum = 0.0
-        correct = seen = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not _progress_enabled(progress), unit="batch")
-        try:
-            for xb, yb in train_ds.iter_batches(
-                cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                buffer_size=cfg.shuffle_buffer,
-            ):
-                lr = float(schedule(st.step))
-                if cfg.augment:
-                    xb = random_augment(xb, aug_rng, max_shift=cfg.max_shift)
-                logits = model.forward(xb, training=True)
-                loss = float(loss_fn.forward(logits, yb))
-                if not math.isfinite(loss):
-                    raise ModelError(
-                        f"training diverged: loss is {loss} at epoch {epoch + 1}, step "
-                        f"{st.step} (lr={lr:g}); lower the learning rate or set grad_clip"
-                    )
-                model.backward(loss_fn.backward(), input_grad=False)
-                grads = model.gradients()
-                if cfg.grad_clip is not None:
-                    clip_grad_norm(grads, cfg.grad_clip)
-                optimizer.step(grads, lr=lr)
-                st.step += 1
-                loss_sum += loss * len(yb)
-                correct += int(np.sum(np.argmax(logits, axis=-1) == yb))
-                seen += len(yb)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
-                                refresh=False)
-        finally:
-            bar.close()
-        if val_ds is not None:
-            val = evaluate(model, val_ds, batch_size=cfg.eval_batch_size, class_weights=weights)
-        else:
-            val = {"loss": math.nan, "acc": math.nan, "balanced_acc": math.nan}
-        st.epochs_done = epoch + 1
-        st.history.append(
-            epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
-            val_loss=val["loss"], val_acc=val["acc"], val_balanced_acc=val["balanced_acc"],
-            lr=first_lr, seconds=0.0,
-        )
-        if val_ds is not None:
-            value = val["loss"] if metric == "val_loss" else val["balanced_acc"]
-            if _improved(metric, value, st.best_metric, cfg.min_delta):
-                st.best_metric = value
-                st.best_params = _snapshot(model.parameters())
-                st.best_buffers = _snapshot(model.buffers())
-                st.history.best_epoch = epoch + 1
-                st.bad_epochs = 0
-            else:
-                st.bad_epochs += 1
-                if patience and st.bad_epochs >= patience:
-                    st.finished = True
-                    st.history.stopped_early = True
-        else:
-            st.history.best_epoch = epoch + 1
-        if st.epochs_done >= cfg.epochs:
-            st.finished = True
-        st.history.seconds[-1] = time.perf_counter() - t0
-        if ckpt is not None:
-            _write_checkpoint(ckpt, model, optimizer, cfg, st)
-        h = st.history
-        emit(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {h.train_loss[-1]:.4f} acc "
-            f"{h.train_acc[-1]:.3f} | val loss {h.val_loss[-1]:.4f} acc {h.val_acc[-1]:.3f} "
-            f"bal {h.val_balanced_acc[-1]:.3f} | lr {first_lr:.3g} | "
-            f"{h.seconds[-1]:.1f}s" + (" | early stop" if h.stopped_early else "")
-        )
-    if st.best_params is not None:
-        _assign(model.parameters(), st.best_params, "parameter")
-        _assign(model.buffers(), st.best_buffers or {}, "buffer")
-    return st.history
+
+def _epoch_line(h: History, epochs: int) -> str:
+    """The log line of the last epoch of ``h``."""
+    return (
+        f"epoch {h.epoch[-1]}/{epochs}: loss {h.train_loss[-1]:.4f} acc "
+        f"{h.train_acc[-1]:.3f} | val loss {h.val_loss[-1]:.4f} acc {h.val_acc[-1]:.3f} "
+        f"bal {h.val_balanced_acc[-1]:.3f} | lr {h.lr[-1]:.3g} | "
+        f"{h.seconds[-1]:.1f}s" + (" | early stop" if h.stopped_early else "")
+    )

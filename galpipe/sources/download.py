@@ -17,7 +17,7 @@ from the SAS and SkyServer JPEG cutouts):
   verification counts as a failed attempt and is retried;
 * a User-Agent that names galpipe.
 
-Writing is left to the callers, which use :func:`galpipe.io.atomic_path`.
+Writing is left to the callers, which use :func:`galpipe.io.atomic.atomic_path`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from __future__ import annotations
 import bz2
 import email.utils
 import io
-import math
 import random
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -43,7 +42,8 @@ from astropy.wcs import WCS
 from tqdm.auto import tqdm
 
 from galpipe import __version__
-from galpipe.errors import ConfigError, DataError, SourceError
+from galpipe.errors import DataError, SourceError
+from galpipe.settings import SdssDownload
 
 T = TypeVar("T")
 
@@ -70,86 +70,8 @@ class VerificationError(DataError):
 
 
 # --------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class DownloadConfig:
-    """Settings of the downloader (the ``sdss.download`` config section).
-
-    Attributes
-    ----------
-    concurrency : int
-        Number of worker threads (1..64).
-    requests_per_second : float
-        Largest request rate, all threads together; ``0`` disables the limit.
-    burst : int
-        Token-bucket capacity: how many requests may leave back to back after
-        an idle period.  With ``burst=1`` requests are spaced by at least
-        ``1/requests_per_second`` seconds.
-    timeout_s : float
-        Connect and read timeout of one request (seconds).
-    max_retries : int
-        Retries after the first attempt (so ``max_retries + 1`` attempts).
-    backoff_base_s, backoff_max_s : float
-        Backoff before retry ``k`` (k = 0, 1, ...) is
-        ``min(backoff_max_s, backoff_base_s * 2**k)`` times a jitter factor
-        uniform in ``[0.5, 1.5)``.
-    retry_after_max_s : float
-        Upper bound on a server's ``Retry-After`` that is honoured.
-    max_failure_fraction : float
-        Largest fraction of galaxies that may fail before the shard fails.
-    max_bytes : int
-        Largest accepted response body (bytes).
-    """
-
-    concurrency: int = 4
-    requests_per_second: float = 5.0
-    burst: int = 1
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    retry_after_max_s: float = 300.0
-    max_failure_fraction: float = 0.05
-    max_bytes: int = 200 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        _check_int("sdss.download.concurrency", self.concurrency, 1, 64)
-        _check_num("sdss.download.requests_per_second", self.requests_per_second, 0.0, 1e4)
-        _check_int("sdss.download.burst", self.burst, 1, 1000)
-        _check_num("sdss.download.timeout_s", self.timeout_s, 1e-3, 3600.0, low_open=True)
-        _check_int("sdss.download.max_retries", self.max_retries, 0, 50)
-        _check_num("sdss.download.backoff_base_s", self.backoff_base_s, 0.0, 3600.0)
-        _check_num("sdss.download.backoff_max_s", self.backoff_max_s, 0.0, 3600.0)
-        _check_num("sdss.download.retry_after_max_s", self.retry_after_max_s, 0.0, 3600.0)
-        _check_num("sdss.download.max_failure_fraction", self.max_failure_fraction, 0.0, 1.0)
-        _check_int("sdss.download.max_bytes", self.max_bytes, 1, 2**40)
-
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any] | None) -> DownloadConfig:
-        """Build from the ``sdss.download`` mapping; unknown keys are a ConfigError."""
-        section = dict(section or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"sdss.download: unknown key(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**section)
-
-
-def _check_num(key: str, value: object, lo: float, hi: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < lo or v > hi or (low_open and v == lo):
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{key}: expected a number in {bracket}{lo}, {hi}], got {value!r}")
-    return v
-
-
-def _check_int(key: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-    if not lo <= int(value) <= hi:
-        raise ConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
+#: Largest accepted response body (bytes); an SDSS frame is about 3-13 MB.
+MAX_BYTES = 200 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- rate limiting
@@ -442,14 +364,23 @@ class Downloader:
 
     Parameters
     ----------
-    config : DownloadConfig
-        Timeouts, retries, rate.
+    config : SdssDownload
+        The validated ``sdss.download`` section: ``concurrency`` (threads of
+        :func:`run_tasks`), ``requests_per_second`` and ``burst`` (the shared
+        token bucket; 0 disables the limit), ``timeout_s`` (connect and read),
+        ``max_retries`` (so ``max_retries + 1`` attempts), ``backoff_base_s``
+        and ``backoff_max_s`` (retry ``k`` waits ``min(max, base * 2**k)``
+        times a jitter factor in ``[0.5, 1.5)``) and ``retry_after_max_s``
+        (the largest server ``Retry-After`` honoured).
     seed : int, optional
         Seed of the jitter generator (jitter only changes timing, never outputs).
+    max_bytes : int
+        Largest accepted response body (:data:`MAX_BYTES`).
     """
 
-    def __init__(self, config: DownloadConfig, *, seed: int | None = None) -> None:
+    def __init__(self, config: SdssDownload, *, seed: int | None = None, max_bytes: int = MAX_BYTES) -> None:
         self.config = config
+        self.max_bytes = int(max_bytes)
         self.limiter = RateLimiter(config.requests_per_second, config.burst)
         self._local = threading.local()
         self._rng = random.Random(seed)
@@ -501,8 +432,8 @@ class Downloader:
                 total = 0
                 for chunk in resp.iter_content(chunk_size=1 << 16):
                     total += len(chunk)
-                    if total > cfg.max_bytes:
-                        raise FetchError(f"{url}: response larger than {cfg.max_bytes} bytes")
+                    if total > self.max_bytes:
+                        raise FetchError(f"{url}: response larger than {self.max_bytes} bytes")
                     chunks.append(chunk)
                 body = b"".join(chunks)
         except (requests.Timeout, requests.ConnectionError) as exc:

@@ -2,9 +2,12 @@
 
 This is how a user brings their own labelled set (for example the real SDSS
 Galaxy Zoo 1 JPEGs).  Images are centre-cropped, resized to the cutout size and
-written in the common cutout FITS layout (``galpipe.io``): 8-bit images as
+written in the common cutout FITS layout (:mod:`galpipe.io.cutout_fits`) through
+the shared :class:`~galpipe.sources.base.CutoutCache`: 8-bit images as
 ``BUNIT = "DN"`` uint8 with bands ``red, green, blue``; FITS inputs keep their
-pixel values as float32.
+pixel values as float32.  :class:`ImagesSource` is the registered source;
+:func:`load_external_image` is the one loader of an image file, shared by
+``make_cutouts``, ``galpipe predict`` and the other sources' ``load_external``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -25,7 +28,11 @@ from astropy.io.fits.verify import VerifyError
 from PIL import Image, UnidentifiedImageError
 
 from galpipe.errors import ConfigError, DataError
-from galpipe.io import MAX_CUTOUT_SIDE, cutout_filename, read_cutout, safe_filename, write_cutout
+from galpipe.io.atomic import safe_filename
+from galpipe.io.cutout_fits import read_cutout
+from galpipe.settings import Config, ImagesConfig
+from galpipe.sources import register_source
+from galpipe.sources.base import CutoutCache, ExternalImage, PathLike, manifest_frame
 
 RGB_BANDS = ["red", "green", "blue"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".fits", ".fit", ".fts"}
@@ -35,14 +42,35 @@ MAX_IMAGE_PIXELS = 64_000_000
 MAX_FITS_SIDE = 16384
 
 
-def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
+def images_section(images: ImagesConfig | Mapping[str, Any] | None) -> ImagesConfig:
+    """``images`` as the typed section; a plain mapping (some keys set) is completed and
+    validated by the schema first (:func:`galpipe.config.build_section`).
+
+    Raises
+    ------
+    ConfigError
+        The mapping is not a valid ``images:`` section (the message names the key).
+    """
+    if isinstance(images, ImagesConfig):
+        return images
+    if images is not None and not isinstance(images, Mapping):
+        raise ConfigError(f"config key 'images': expected a mapping of settings, got {type(images).__name__}")
+    from galpipe.config import build_section
+
+    section: ImagesConfig = build_section("images", images)
+    return section
+
+
+def read_labels(images: ImagesConfig | Mapping[str, Any]) -> pd.DataFrame:
     """Read and check the labels CSV of the ``images`` source.
 
     Parameters
     ----------
-    params : mapping
+    images : ImagesConfig or mapping
         The ``images:`` config section (``directory``, ``labels_csv``,
-        ``id_column``, ``label_column``, ``path_column``, ``label_map``).
+        ``id_column``, ``label_column``, ``path_column``, ``label_map``); a
+        mapping (only some keys set) is completed and validated by the schema
+        (:func:`galpipe.config.build_section`).
 
     Returns
     -------
@@ -57,13 +85,14 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
         Missing file or columns, non-integer or duplicate ids, a raw label not in
         a non-empty ``label_map``, an image path escaping the folder.
     """
-    csv = Path(str(params.get("labels_csv")))
-    directory = Path(str(params.get("directory")))
+    params = images_section(images)
+    csv = Path(str(params.labels_csv))
+    directory = Path(str(params.directory))
     if not csv.is_file():
         raise DataError(f"labels CSV {csv} not found (config key 'images.labels_csv')")
     if not directory.is_dir():
         raise DataError(f"image folder {directory} not found (config key 'images.directory')")
-    cols = {k: params.get(k) for k in ("id_column", "label_column", "path_column")}
+    cols = {k: getattr(params, k) for k in ("id_column", "label_column", "path_column")}
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
@@ -73,12 +102,24 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
         raise DataError(
             f"labels CSV {csv}: missing column(s) {', '.join(missing)}; columns present: {list(df.columns)}"
         )
-    ids = df[cols["id_column"]].str.strip()
+    objid = _parse_ids(df[cols["id_column"]].str.strip(), csv, cols["id_column"])
+    raw = df[cols["label_column"]].str.strip()
+    label = _map_labels(raw, params.label_map, csv)
+    resolved = _resolve_paths(df[cols["path_column"]].str.strip(), directory.resolve(), csv)
+    out = pd.DataFrame({"objid": objid, "label": label, "raw_label": raw, "image_path": resolved})
+    out = out[out["label"].notna()].sort_values("objid", kind="stable").reset_index(drop=True)
+    if len(out) == 0:
+        raise DataError(f"labels CSV {csv}: no labelled rows left after applying images.label_map")
+    return out
+
+
+def _parse_ids(ids: pd.Series, csv: Path, column: str) -> pd.Series:
+    """The id column (stripped text, shape ``(n_rows,)``) as unique int64 ids; rows are CSV row - 2."""
     bad = ~ids.str.fullmatch(r"-?[0-9]{1,19}")  # ASCII only: int() would also take other digits
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row]!r} in column {cols['id_column']!r} is not an integer"
+            f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row]!r} in column {column!r} is not an integer"
         )
     try:
         objid = ids.map(int)
@@ -89,8 +130,11 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
     if len(dup):
         rows = (np.flatnonzero((objid == dup.iloc[0]).to_numpy()) + 2).tolist()
         raise DataError(f"labels CSV {csv}: duplicate id(s) {dup.head(5).tolist()}; id {dup.iloc[0]} is on rows {rows}")
-    raw = df[cols["label_column"]].str.strip()
-    label_map: Mapping[str, str | None] = params.get("label_map") or {}
+    return objid
+
+
+def _map_labels(raw: pd.Series, label_map: Mapping[str, str | None], csv: Path) -> pd.Series:
+    """Class names of the raw labels (None: dropped); every class name must be usable as a file name."""
     if label_map:
         known = {str(k) for k in label_map}
         unknown = sorted(set(raw[raw != ""]) - known)
@@ -109,8 +153,11 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
         except DataError as exc:
             row = int(np.flatnonzero((label == lab).to_numpy())[0])
             raise DataError(f"labels CSV {csv}: row {row + 2}: {exc}; map it with images.label_map") from exc
-    paths = df[cols["path_column"]].str.strip()
-    root = directory.resolve()
+    return label
+
+
+def _resolve_paths(paths: pd.Series, root: Path, csv: Path) -> list[str]:
+    """Absolute image paths; each must be relative and stay inside ``root`` (symlinks resolved)."""
     resolved = []
     for i, rel in enumerate(paths):
         if not rel or "\x00" in rel or Path(rel).is_absolute():
@@ -119,24 +166,30 @@ def read_labels(params: Mapping[str, Any]) -> pd.DataFrame:
         if root not in p.parents:
             raise DataError(f"labels CSV {csv}: row {i + 2}: image path {rel!r} escapes {root}")
         resolved.append(str(p))
-    out = pd.DataFrame({"objid": objid, "label": label, "raw_label": raw, "image_path": resolved})
-    out = out[out["label"].notna()].sort_values("objid", kind="stable").reset_index(drop=True)
-    if len(out) == 0:
-        raise DataError(f"labels CSV {csv}: no labelled rows left after applying images.label_map")
-    return out
+    return resolved
 
 
-def build_catalogue(params: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Catalogue of the ``images`` source (coordinates unknown: ``ra``/``dec`` are NaN)."""
+def build_catalogue(images: ImagesConfig | Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Catalogue of the ``images`` source (coordinates unknown: ``ra``/``dec`` are NaN).
+
+    Returns
+    -------
+    catalogue : pandas.DataFrame
+        :func:`read_labels` with ``ra``, ``dec`` (NaN) inserted after ``objid``.
+    provenance : dict
+        ``source``, ``labels_csv``, ``directory``, ``label_map``,
+        ``class_counts`` and ``created_utc``.
+    """
+    params = images_section(images)
     labels = read_labels(params)
     labels.insert(1, "ra", np.nan)
     labels.insert(2, "dec", np.nan)
     counts = labels["label"].value_counts().sort_index().to_dict()
     provenance = {
         "source": "images",
-        "labels_csv": str(params.get("labels_csv")),
-        "directory": str(params.get("directory")),
-        "label_map": dict(params.get("label_map") or {}),
+        "labels_csv": str(params.labels_csv),
+        "directory": str(params.directory),
+        "label_map": dict(params.label_map),
         "class_counts": {str(k): int(v) for k, v in counts.items()},
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -280,56 +333,142 @@ def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
     return out, bunit, bands
 
 
-def make_cutouts(
-    catalogue: pd.DataFrame, out_dir: str | Path, *, size: int, params: Mapping[str, Any], progress: bool = False
-) -> pd.DataFrame:
-    """Convert the images of a catalogue shard into cutout FITS files.
+def load_external_image(path: PathLike, *, size: int, crop_fraction: float = 1.0) -> ExternalImage:
+    """One image file as cutout pixels: :func:`load_image`, as an :class:`ExternalImage`.
 
-    A cutout that already exists and verifies is kept (a rerun resumes).  An
-    image that cannot be read is quarantined: its manifest row has
-    ``status="failed"`` and the reason.
+    The single loader of image files: ``make_cutouts`` of the ``images`` source
+    and ``load_external`` of every built-in source use it.
+
+    Returns
+    -------
+    ExternalImage
+        ``data`` of shape ``(n_bands, size, size)`` (uint8 for 8-bit images,
+        float32 for FITS), ``bunit`` and ``bands``.
+    """
+    data, bunit, bands = load_image(path, size=size, crop_fraction=crop_fraction)
+    return ExternalImage(data=data, bunit=bunit, bands=tuple(bands))
+
+
+def make_cutouts(
+    catalogue: pd.DataFrame,
+    cache: CutoutCache,
+    *,
+    size: int,
+    crop_fraction: float,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Convert the images of a catalogue shard into cutout FITS files in ``cache``.
+
+    A cutout already in the cache that is valid (:meth:`CutoutCache.load_valid`)
+    is kept (a rerun resumes).  An image that cannot be read is quarantined:
+    its manifest row has ``status="failed"``, an empty path and the reason.
+
+    Parameters
+    ----------
+    catalogue : pandas.DataFrame
+        Rows of :func:`build_catalogue` (``objid``, ``ra``, ``dec``, ``image_path``).
+    cache : CutoutCache
+        Where the cutouts go.
+    size : int
+        Cutout side in pixels.
+    crop_fraction : float
+        Fraction of the shorter image side kept by the centre crop.
+    progress : bool
+        Show a tqdm progress bar.
 
     Returns
     -------
     pandas.DataFrame
-        Manifest: ``objid``, ``path``, ``status``, ``reason``, ``n_filled``.
+        Manifest (:data:`galpipe.sources.base.MANIFEST_COLUMNS`), one row per
+        galaxy in catalogue order.
     """
-    if size > MAX_CUTOUT_SIDE:
-        raise ConfigError(f"config key 'cutout_size': {size} exceeds {MAX_CUTOUT_SIDE}")
-    crop = float(params.get("crop_fraction", 1.0))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    it = catalogue.itertuples(index=False)
+    it: Any = catalogue.itertuples(index=False)
     if progress:
         from tqdm import tqdm
 
         it = tqdm(it, total=len(catalogue), desc="cutouts", unit="gal")
     for row in it:
         objid = int(row.objid)
-        dest = out / cutout_filename(objid)
-        if dest.exists():
-            try:
-                cut = read_cutout(dest)
-                if cut.data.shape[1:] == (size, size) and cut.objid == objid:
-                    rows.append((objid, str(dest), "ok", "", 0))
-                    continue
-            except DataError:
-                pass  # corrupt or stale: rebuild it
+        if cache.load_valid(objid, size=size) is not None:
+            rows.append((objid, str(cache.path(objid)), "ok", "", 0))
+            continue
         try:
-            data, bunit, bands = load_image(row.image_path, size=size, crop_fraction=crop)
-            write_cutout(
-                dest,
-                data,
-                bands=bands,
-                objid=objid,
-                ra=float(row.ra),
-                dec=float(row.dec),
-                source="images",
-                bunit=bunit,
-                pixel_scale=0.0,
-            )
-            rows.append((objid, str(dest), "ok", "", 0))
+            image = load_external_image(row.image_path, size=size, crop_fraction=crop_fraction)
+            path = cache.write(objid, image.data, bands=image.bands, ra=float(row.ra), dec=float(row.dec),
+                               source="images", bunit=image.bunit, pixel_scale=0.0)
+            rows.append((objid, str(path), "ok", "", 0))
         except DataError as exc:
             rows.append((objid, "", "failed", str(exc), 0))
-    return pd.DataFrame(rows, columns=["objid", "path", "status", "reason", "n_filled"])
+    return manifest_frame(rows)
+
+
+# --------------------------------------------------------------------------- the source
+@register_source
+class ImagesSource:
+    """Source ``images``: a folder of labelled images (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : Config
+        The whole validated configuration; uses ``images``, ``seed`` and
+        ``cutout_size`` (not ``bands``: the files decide).
+    """
+
+    name: ClassVar[str] = "images"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.section: ImagesConfig = cfg.images
+
+    @property
+    def bands(self) -> None:
+        """None: the image files decide (``red, green, blue`` for 8-bit images)."""
+        return None
+
+    @property
+    def catalogue_columns(self) -> tuple[str, ...]:
+        """``objid`` and ``image_path`` (the file each cutout is made from)."""
+        return ("objid", "image_path")
+
+    @property
+    def crop_fraction(self) -> float:
+        """``images.crop_fraction``: the centre crop applied to every image (and to external ones)."""
+        return float(self.section.crop_fraction)
+
+    def params(self) -> dict[str, Any]:
+        """``source``, ``seed``, the ``images`` section and ``cutout_size`` (plain data)."""
+        return {
+            "source": self.name,
+            "seed": int(self.cfg.seed),
+            "images": self.section.to_dict(),
+            "cutout_size": int(self.cfg.cutout_size),
+        }
+
+    def catalogue(self) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The labels CSV as a catalogue (:func:`build_catalogue`); no time stamp in the provenance."""
+        df, prov = build_catalogue(self.section)
+        prov.pop("created_utc", None)  # keep the file identical across reruns
+        return df, prov
+
+    def make_cutouts(self, shard: pd.DataFrame, cache: CutoutCache, *, progress: bool = False) -> pd.DataFrame:
+        """Cutouts of the images of ``shard`` in ``cache`` (:func:`make_cutouts`); return the manifest."""
+        return make_cutouts(shard, cache, size=int(self.cfg.cutout_size),
+                            crop_fraction=float(self.section.crop_fraction), progress=progress)
+
+    def input_files(self) -> list[Path]:
+        """The labels CSV, then every image the catalogue references (sorted, no duplicates).
+
+        When the CSV is absent only its path is returned, so that the missing
+        file is what gets reported.
+        """
+        csv = Path(str(self.section.labels_csv))
+        if not csv.is_file():
+            return [csv]
+        images = read_labels(self.section)["image_path"]
+        return [csv, *(Path(p) for p in sorted(set(images)))]
+
+    @classmethod
+    def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
+        """An external image as cutout pixels, exactly as :meth:`make_cutouts` makes them."""
+        return load_external_image(path, size=size, crop_fraction=crop_fraction)

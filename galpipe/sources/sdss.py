@@ -37,23 +37,31 @@ Label schemes (``sdss.labels.scheme``):
     ``SpecObj.class`` of the best spectrum: ``galaxy``/``star``/``qso``
     (``GALAXY``/``STAR``/``QSO``), joined on ``s.bestobjid = p.objid``.
 
+Configuration: every function takes the validated, typed section
+(:class:`galpipe.settings.SdssConfig`); the schema has checked each value's type
+and range, and :func:`galpipe.config.cross_field_checks` the rules that involve
+several keys (selection min <= max, classes of the scheme, fraction cuts, bands
+of the provider), so a bad config fails before any job runs, naming the key.
+
 Security: the SQL is assembled only from range-checked numbers (formatted with
-fixed precision, never pasted), integers, and table/column/literal strings
-taken from fixed whitelists in this module; a string where a number is
-expected, or a name outside a whitelist, raises :class:`ConfigError` naming
-the key.
+fixed precision by :func:`sql_float`/:func:`sql_int`, never pasted), and
+table/column/literal strings taken from fixed whitelists in this module.
+
+:class:`SdssSource` is the registered source ``sdss``; its cutouts come from
+:mod:`galpipe.sources.sdss_cutouts`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -61,6 +69,9 @@ import requests
 
 from galpipe import __version__
 from galpipe.errors import ConfigError, SourceError
+from galpipe.settings import Config, SdssConfig, SdssLabels, SdssSelection
+from galpipe.sources import register_source
+from galpipe.sources.base import CutoutCache, ExternalImage, PathLike
 from galpipe.sources.download import (
     RETRY_STATUSES,
     FetchError,
@@ -69,61 +80,6 @@ from galpipe.sources.download import (
     call_with_retries,
     parse_retry_after,
 )
-
-# --------------------------------------------------------------------------- defaults
-#: Defaults of the ``sdss:`` config section (mirrors workflow/schemas/sdss.schema.yaml).
-DEFAULTS: dict[str, Any] = {
-    "data_release": 17,
-    "skyserver_url": "https://skyserver.sdss.org",
-    "sas_url": "https://data.sdss.org/sas",
-    "labels": {
-        "scheme": "gz1_flags",
-        "classes": None,
-        "fractions": {
-            "elliptical": {"p_el_debiased": 0.8},
-            "spiral": {"p_cs_debiased": 0.8},
-        },
-    },
-    "selection": {
-        "ra_min": 0.0,
-        "ra_max": 360.0,
-        "dec_min": -90.0,
-        "dec_max": 90.0,
-        "petro_mag_r_min": 10.0,
-        "petro_mag_r_max": 17.77,
-        "petro_r90_r_min": 0.0,
-        "petro_r90_r_max": 600.0,
-        "n_per_class": 500,
-    },
-    "query": {
-        "page_size": 5000,
-        "max_queries_per_minute": 30.0,
-        "timeout_s": 120.0,
-        "max_retries": 4,
-        "backoff_base_s": 2.0,
-        "backoff_max_s": 60.0,
-        "max_junk_retries": 2,
-    },
-    "cutouts": {
-        "provider": "sdss-frames",
-        "cache_max_mb": 4096.0,
-        "frame_shape": [1489, 2048],
-        "jpeg_scale_mode": "fixed",
-        "jpeg_scale": 0.396,
-        "jpeg_span_r90": 8.48,
-    },
-    "download": {
-        "concurrency": 4,
-        "requests_per_second": 5.0,
-        "burst": 1,
-        "timeout_s": 60.0,
-        "max_retries": 5,
-        "backoff_base_s": 1.0,
-        "backoff_max_s": 60.0,
-        "retry_after_max_s": 300.0,
-        "max_failure_fraction": 0.05,
-    },
-}
 
 #: Label schemes and the classes each one knows.
 SCHEME_CLASSES: dict[str, tuple[str, ...]] = {
@@ -228,38 +184,10 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "expAB_r",
 )
 _INT_COLUMNS = ("run", "rerun", "camcol", "field")
-_LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_OBJID = 2**63 - 1
 
 
-# --------------------------------------------------------------------------- validation
-def _lookup(params: Mapping[str, Any] | None, path: str) -> Any:
-    """Value of dotted ``path`` in ``params`` (the ``sdss:`` section), else the default."""
-    default: Any = DEFAULTS
-    for part in path.split("."):
-        default = default.get(part) if isinstance(default, Mapping) else None
-    node: Any = params if params is not None else {}
-    walked = ["sdss"]
-    for part in path.split("."):
-        if not isinstance(node, Mapping):  # a typo like `selection: 10` must not silently mean defaults
-            raise ConfigError(f"{'.'.join(walked)}: expected a mapping, got {type(node).__name__} {_show(node)}")
-        if part not in node:
-            return default
-        node = node[part]
-        walked.append(part)
-    return node
-
-
-def _number(params: Mapping[str, Any] | None, path: str, lo: float, hi: float) -> float:
-    value = _lookup(params, path)
-    return check_number(f"sdss.{path}", value, lo, hi)
-
-
-def _integer(params: Mapping[str, Any] | None, path: str, lo: int, hi: int) -> int:
-    value = _lookup(params, path)
-    return check_integer(f"sdss.{path}", value, lo, hi)
-
-
+# --------------------------------------------------------------------------- SQL literals
 def _show(value: object) -> str:
     """A short repr for messages (a huge int has no repr beyond 4300 digits)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
@@ -268,28 +196,17 @@ def _show(value: object) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def check_number(key: str, value: object, lo: float, hi: float) -> float:
-    """Return ``value`` as a finite float in ``[lo, hi]``.
+def check_integer(key: str, value: object, lo: int, hi: int) -> int:
+    """Return the function argument ``value`` as an int in ``[lo, hi]`` (no bools, strings or floats).
+
+    For arguments that are not config values (a page size, a keyset bound);
+    config values are checked by the schema.
 
     Raises
     ------
     ConfigError
-        ``value`` is a string, bool, None, NaN/inf or out of range; the message
-        names ``key``.
+        The message starts with ``key``.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {type(value).__name__} {_show(value)}")
-    try:
-        v = float(value)
-    except OverflowError:  # an int beyond float range
-        v = math.inf
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise ConfigError(f"{key}: expected a number in [{lo}, {hi}], got {_show(value)}")
-    return v
-
-
-def check_integer(key: str, value: object, lo: int, hi: int) -> int:
-    """Return ``value`` as an int in ``[lo, hi]`` (no bools, no strings, no floats)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ConfigError(
             f"{key}: expected an integer in [{lo}, {hi}], got {type(value).__name__} {_show(value)}"
@@ -317,165 +234,121 @@ def sql_int(value: int) -> str:
     return str(int(value))
 
 
-def data_release(params: Mapping[str, Any] | None) -> int:
-    """The validated ``sdss.data_release`` (8..19)."""
-    return _integer(params, "data_release", 8, 19)
+def _sql_name(name: str, allowed: Sequence[str]) -> str:
+    """``name`` if it is one of the fixed identifiers ``allowed`` (defence in depth before SQL)."""
+    if name not in allowed:
+        raise ConfigError(f"internal: {_show(name)} is not an allowed SQL name")
+    return name
 
 
-def _url(params: Mapping[str, Any] | None, key: str) -> str:
-    value = _lookup(params, key)
-    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s]+", value):
-        raise ConfigError(f"sdss.{key}: expected an http(s) URL, got {_show(value)}")
-    return value.rstrip("/")
+def base_url(url: str) -> str:
+    """A configured service URL without its trailing slash (astroquery's ``*_baseurl`` form)."""
+    return url.rstrip("/")
 
 
-def skyserver_url(params: Mapping[str, Any] | None) -> str:
-    """``sdss.skyserver_url`` without a trailing slash (astroquery's ``skyserver_baseurl``)."""
-    return _url(params, "skyserver_url")
+# --------------------------------------------------------------------------- the section
+def sdss_section(sdss: SdssConfig | Mapping[str, Any] | None) -> SdssConfig:
+    """``sdss`` as the typed section; a plain mapping (some keys set) is completed and
+    validated by the schema and :func:`galpipe.config.cross_field_checks` first.
+
+    Raises
+    ------
+    ConfigError
+        The mapping is not a valid ``sdss:`` section (the message names the key).
+    """
+    if isinstance(sdss, SdssConfig):
+        return sdss
+    if sdss is not None and not isinstance(sdss, Mapping):
+        raise ConfigError(f"config key 'sdss': expected a mapping of settings, got {type(sdss).__name__}")
+    from galpipe.config import build_section
+
+    section: SdssConfig = build_section("sdss", sdss)
+    return section
 
 
-def sas_url(params: Mapping[str, Any] | None) -> str:
-    """``sdss.sas_url`` without a trailing slash (astroquery's ``sas_baseurl``)."""
-    return _url(params, "sas_url")
+# --------------------------------------------------------------------------- labels
+def label_classes(sdss: SdssConfig | Mapping[str, Any]) -> list[str]:
+    """The classes to select: ``sdss.labels.classes``, or the scheme's (for ``gz1_fractions``
+    the keys of ``sdss.labels.fractions``) when it is null."""
+    labels = sdss_section(sdss).labels
+    if labels.classes is not None:
+        return list(labels.classes)
+    if labels.scheme == "gz1_fractions":
+        return list(labels.fractions)
+    return list(SCHEME_DEFAULT_CLASSES[labels.scheme])
 
 
-def label_scheme(params: Mapping[str, Any] | None) -> str:
-    """The validated ``sdss.labels.scheme``."""
-    scheme = _lookup(params, "labels.scheme")
-    if not isinstance(scheme, str) or scheme not in SCHEME_CLASSES:
-        raise ConfigError(f"sdss.labels.scheme: expected one of {sorted(SCHEME_CLASSES)}, got {_show(scheme)}")
-    return scheme
+def fraction_cuts(labels: SdssLabels) -> dict[str, dict[str, tuple[float, float]]]:
+    """``sdss.labels.fractions`` as class -> vote column -> ``(min, max)``.
 
-
-def _fractions(params: Mapping[str, Any] | None) -> dict[str, dict[str, tuple[float, float]]]:
-    """Validated ``sdss.labels.fractions``: class -> column -> (min, max)."""
-    raw = _lookup(params, "labels.fractions")
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError("sdss.labels.fractions: expected a non-empty mapping class -> {column: threshold}")
+    A bare number is a minimum (max 1); ``{min:, max:}`` gives either or both
+    (missing: 0 and 1).  The schema has checked the names and ranges, and
+    :func:`galpipe.config.cross_field_checks` that min <= max and that every
+    class has a real cut.
+    """
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    for cls, conds in raw.items():
-        key = f"sdss.labels.fractions.{cls}"
-        if not isinstance(cls, str) or not _LABEL_NAME.fullmatch(cls):
-            raise ConfigError(f"sdss.labels.fractions: class name {_show(cls)} must match {_LABEL_NAME.pattern}")
-        if not isinstance(conds, Mapping) or not conds:
-            raise ConfigError(f"{key}: expected a non-empty mapping column -> threshold")
+    for cls, conds in labels.fractions.items():
         out[cls] = {}
         for col, spec in conds.items():
-            if col not in GZ1_FRACTION_COLUMNS:
-                raise ConfigError(
-                    f"{key}: column {_show(col)} is not a GZ1 vote fraction; "
-                    f"expected one of {list(GZ1_FRACTION_COLUMNS)}"
-                )
             if isinstance(spec, Mapping):
-                extra = set(spec) - {"min", "max"}
-                if extra or not spec:
-                    raise ConfigError(f"{key}.{col}: expected keys 'min' and/or 'max', got {sorted(spec, key=str)}")
-                lo = check_number(f"{key}.{col}.min", spec.get("min", 0.0), 0.0, 1.0)
-                hi = check_number(f"{key}.{col}.max", spec.get("max", 1.0), 0.0, 1.0)
-                if lo > hi:
-                    raise ConfigError(f"{key}.{col}: min {lo} is larger than max {hi}")
+                out[cls][col] = (float(spec.get("min", 0.0)), float(spec.get("max", 1.0)))
             else:
-                lo, hi = check_number(f"{key}.{col}", spec, 0.0, 1.0), 1.0
-            out[cls][col] = (lo, hi)
-    return out
-
-
-def label_classes(params: Mapping[str, Any] | None) -> list[str]:
-    """The validated list of classes to select (``sdss.labels.classes`` or the scheme's)."""
-    scheme = label_scheme(params)
-    classes = _lookup(params, "labels.classes")
-    if scheme == "gz1_fractions":
-        known: Sequence[str] = list(_fractions(params))
-    else:
-        known = SCHEME_CLASSES[scheme]
-    if classes is None:
-        classes = list(known if scheme == "gz1_fractions" else SCHEME_DEFAULT_CLASSES[scheme])
-    if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
-        raise ConfigError(f"sdss.labels.classes: expected a non-empty list of class names, got {_show(classes)}")
-    out: list[str] = []
-    for cls in classes:
-        if not isinstance(cls, str) or cls not in known:
-            raise ConfigError(
-                f"sdss.labels.classes: {_show(cls)} is not a class of scheme {scheme!r}; expected some of {list(known)}"
-            )
-        if cls in out:
-            raise ConfigError(f"sdss.labels.classes: {_show(cls)} is listed twice")
-        out.append(cls)
-    return out
-
-
-def validate_bands(bands: Sequence[str], *, key: str = "bands") -> list[str]:
-    """Check that ``bands`` is a non-empty list of distinct SDSS bands (ugriz)."""
-    if isinstance(bands, str) or not isinstance(bands, Sequence) or not bands:
-        raise ConfigError(f"{key}: expected a non-empty list of SDSS bands, got {_show(bands)}")
-    out: list[str] = []
-    for b in bands:
-        if b not in BANDS:
-            raise ConfigError(f"{key}: {_show(b)} is not an SDSS band; expected some of {list(BANDS)}")
-        if b in out:
-            raise ConfigError(f"{key}: band {_show(b)} is listed twice")
-        out.append(b)
+                out[cls][col] = (float(spec), 1.0)
     return out
 
 
 # --------------------------------------------------------------------------- SQL builders
-def build_selection_where(params: Mapping[str, Any] | None) -> list[str]:
+def build_selection_where(selection: SdssSelection) -> list[str]:
     """SQL conditions of the sky/magnitude/size selection (``sdss.selection``).
 
     An RA range with ``ra_min > ra_max`` wraps through 0 (e.g. 350..10 deg).
+
+    Parameters
+    ----------
+    selection : SdssSelection
+        The validated section (every value a range-checked number).
 
     Returns
     -------
     list of str
         Conditions to AND together, e.g. ``"p.dec BETWEEN -1.00000000 AND 1.00000000"``.
     """
-    ra_min = _number(params, "selection.ra_min", 0.0, 360.0)
-    ra_max = _number(params, "selection.ra_max", 0.0, 360.0)
-    dec_min = _number(params, "selection.dec_min", -90.0, 90.0)
-    dec_max = _number(params, "selection.dec_max", -90.0, 90.0)
-    mag_min = _number(params, "selection.petro_mag_r_min", 0.0, 40.0)
-    mag_max = _number(params, "selection.petro_mag_r_max", 0.0, 40.0)
-    r90_min = _number(params, "selection.petro_r90_r_min", 0.0, 3600.0)
-    r90_max = _number(params, "selection.petro_r90_r_max", 0.0, 3600.0)
-    for lo_key, lo, hi_key, hi in (
-        ("dec_min", dec_min, "dec_max", dec_max),
-        ("petro_mag_r_min", mag_min, "petro_mag_r_max", mag_max),
-        ("petro_r90_r_min", r90_min, "petro_r90_r_max", r90_max),
-    ):
-        if lo > hi:
-            raise ConfigError(f"sdss.selection.{lo_key} ({lo}) is larger than sdss.selection.{hi_key} ({hi})")
+    s = selection
     where: list[str] = []
-    if ra_min <= ra_max:
-        if not (ra_min == 0.0 and ra_max == 360.0):
-            where.append(f"p.ra BETWEEN {sql_float(ra_min)} AND {sql_float(ra_max)}")
+    if s.ra_min <= s.ra_max:
+        if not (s.ra_min == 0.0 and s.ra_max == 360.0):
+            where.append(f"p.ra BETWEEN {sql_float(s.ra_min)} AND {sql_float(s.ra_max)}")
     else:
-        where.append(f"(p.ra >= {sql_float(ra_min)} OR p.ra <= {sql_float(ra_max)})")
-    if not (dec_min == -90.0 and dec_max == 90.0):
-        where.append(f"p.dec BETWEEN {sql_float(dec_min)} AND {sql_float(dec_max)}")
-    where.append(f"p.petroMag_r BETWEEN {sql_float(mag_min)} AND {sql_float(mag_max)}")
-    where.append(f"p.petroR90_r BETWEEN {sql_float(r90_min)} AND {sql_float(r90_max)}")
+        where.append(f"(p.ra >= {sql_float(s.ra_min)} OR p.ra <= {sql_float(s.ra_max)})")
+    if not (s.dec_min == -90.0 and s.dec_max == 90.0):
+        where.append(f"p.dec BETWEEN {sql_float(s.dec_min)} AND {sql_float(s.dec_max)}")
+    where.append(f"p.petroMag_r BETWEEN {sql_float(s.petro_mag_r_min)} AND {sql_float(s.petro_mag_r_max)}")
+    where.append(f"p.petroR90_r BETWEEN {sql_float(s.petro_r90_r_min)} AND {sql_float(s.petro_r90_r_max)}")
     return where
 
 
-def build_class_where(params: Mapping[str, Any] | None, label: str) -> list[str]:
-    """SQL conditions that define class ``label`` under the configured scheme."""
-    scheme = label_scheme(params)
-    if label not in label_classes(params):
-        raise ConfigError(f"sdss.labels.classes: {label!r} is not a selected class of scheme {scheme!r}")
+def build_class_where(sdss: SdssConfig | Mapping[str, Any], label: str) -> list[str]:
+    """SQL conditions that define class ``label`` under the configured scheme.
+
+    Raises
+    ------
+    ConfigError
+        ``label`` is not one of :func:`label_classes`.
+    """
+    sdss = sdss_section(sdss)
+    scheme = sdss.labels.scheme
+    if label not in label_classes(sdss):
+        raise ConfigError(f"sdss.labels.classes: {_show(label)} is not a selected class of scheme {scheme!r}")
     if scheme == "gz1_flags":
-        return [f"z.{label} = 1", "z.uncertain = 0"]
+        return [f"z.{_sql_name(label, SCHEME_CLASSES[scheme])} = 1", "z.uncertain = 0"]
     if scheme == "gz1_fractions":
         conds: list[str] = []
-        for col, (lo, hi) in sorted(_fractions(params)[label].items()):
+        for col, (lo, hi) in sorted(fraction_cuts(sdss.labels)[label].items()):
+            name = _sql_name(col, GZ1_FRACTION_COLUMNS)
             if lo > 0.0:
-                conds.append(f"z.{col} >= {sql_float(lo)}")
+                conds.append(f"z.{name} >= {sql_float(lo)}")
             if hi < 1.0:
-                conds.append(f"z.{col} <= {sql_float(hi)}")
-        if not conds:
-            raise ConfigError(
-                f"sdss.labels.fractions.{label}: thresholds select everything "
-                "(min 0 and max 1); give at least one real cut"
-            )
+                conds.append(f"z.{name} <= {sql_float(hi)}")
         return conds
     if scheme == "gz2":
         return [f"z.gz2class LIKE '{GZ2_PREFIX[label]}%'"]
@@ -484,18 +357,17 @@ def build_class_where(params: Mapping[str, Any] | None, label: str) -> list[str]
 
 def select_columns(scheme: str) -> list[tuple[str, str]]:
     """``(SQL expression, output name)`` pairs selected for ``scheme``."""
-    if scheme not in LABEL_COLUMNS:
-        raise ConfigError(f"sdss.labels.scheme: unknown scheme {scheme!r}")
     return [(f"p.{c}", c) for c in PHOTO_COLUMNS] + list(LABEL_COLUMNS[scheme])
 
 
-def build_page_sql(params: Mapping[str, Any] | None, label: str, *, top: int, after_objid: int = 0) -> str:
+def build_page_sql(sdss: SdssConfig | Mapping[str, Any], label: str, *, top: int, after_objid: int = 0) -> str:
     """SQL of one keyset page of class ``label``.
 
     Parameters
     ----------
-    params : mapping
-        The ``sdss:`` config section.
+    sdss : SdssConfig or mapping
+        The validated ``sdss:`` config section (a mapping goes through
+        :func:`sdss_section`).
     label : str
         A class of the configured scheme.
     top : int
@@ -507,46 +379,30 @@ def build_page_sql(params: Mapping[str, Any] | None, label: str, *, top: int, af
     -------
     str
         One SQL statement (no comments, no ``--``), ordered by ``p.objid``.
+
+    Raises
+    ------
+    ConfigError
+        ``top`` or ``after_objid`` is not an integer in range (the message
+        starts with the argument's name), or ``label`` is not a selected class.
     """
-    scheme = label_scheme(params)
+    sdss = sdss_section(sdss)
+    scheme = sdss.labels.scheme
     top = check_integer("top", top, 1, 500_000)
     after = check_integer("after_objid", after_objid, 0, MAX_OBJID)
     cols = ", ".join(
         expr if expr.split(".", 1)[1] == name else f"{expr} AS {name}" for expr, name in select_columns(scheme)
     )
-    where = build_class_where(params, label) + build_selection_where(params)
+    where = build_class_where(sdss, label) + build_selection_where(sdss.selection)
     where.append(f"p.objid > {sql_int(after)}")
     return f"SELECT TOP {sql_int(top)} {cols} {_FROM[scheme]} WHERE {' AND '.join(where)} ORDER BY p.objid"
 
 
-def build_queries(params: Mapping[str, Any] | None) -> dict[str, str]:
-    """First-page SQL of every selected class (a dry run of what will be sent).
-
-    Validates every setting that reaches SQL (and ``data_release``) first.
-    """
-    data_release(params)
-    page = query_settings(params)["page_size"]
-    n = _integer(params, "selection.n_per_class", 1, 10_000_000)
-    return {label: build_page_sql(params, label, top=min(page, n)) for label in label_classes(params)}
-
-
-def query_settings(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validated ``sdss.query`` settings."""
-    section = _lookup(params, "query")
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"sdss.query: expected a mapping, got {_show(section)}")
-    unknown = sorted(set(section) - set(DEFAULTS["query"]), key=str)
-    if unknown:
-        raise ConfigError(f"sdss.query: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS['query'])}")
-    return {
-        "page_size": _integer(params, "query.page_size", 1, 500_000),
-        "max_queries_per_minute": _number(params, "query.max_queries_per_minute", 0.0, 6000.0),
-        "timeout_s": _number(params, "query.timeout_s", 0.001, 3600.0),
-        "max_retries": _integer(params, "query.max_retries", 0, 50),
-        "backoff_base_s": _number(params, "query.backoff_base_s", 0.0, 3600.0),
-        "backoff_max_s": _number(params, "query.backoff_max_s", 0.0, 3600.0),
-        "max_junk_retries": _integer(params, "query.max_junk_retries", 0, 50),
-    }
+def build_queries(sdss: SdssConfig | Mapping[str, Any]) -> dict[str, str]:
+    """First-page SQL of every selected class (a dry run of what will be sent): class -> SQL."""
+    sdss = sdss_section(sdss)
+    top = min(sdss.query.page_size, sdss.selection.n_per_class)
+    return {label: build_page_sql(sdss, label, top=top) for label in label_classes(sdss)}
 
 
 # --------------------------------------------------------------------------- the client
@@ -567,103 +423,169 @@ def _snippet(table: Any, n: int = 200) -> str:
     return " ".join(text.split())[:n]
 
 
-def _run_query(
-    sql: str,
-    *,
-    dr: int,
-    settings: Mapping[str, Any],
-    limiter: RateLimiter,
-    expected: Sequence[str],
-    stats: dict[str, int],
-) -> pd.DataFrame | None:
-    """Send one SQL statement through astroquery, with rate limit and retries.
+class _JunkBudget:
+    """How many answers that are not the expected CSV one query may still retry."""
 
-    Returns None for an empty result; raises SourceError for anything that
-    is not the expected CSV table.
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def retry_or_fail(self, retry_reason: str, error: str, cause: BaseException | None = None) -> NoReturn:
+        """Raise :class:`RetryableError` while the budget lasts, then :class:`SourceError`."""
+        if self.left > 0:
+            self.left -= 1
+            raise RetryableError(retry_reason) from cause
+        raise SourceError(error) from cause
+
+
+def _send_query(sql: str, *, dr: int, timeout_s: float, junk: _JunkBudget) -> Any:
+    """One ``SDSS.query_sql`` call; transport errors become retryable or :class:`SourceError`.
+
+    Returns the astropy table (None for an empty result).
     """
     from astroquery.exceptions import RemoteServiceError
 
     sdss, _conf, _ = _astroquery()
-    junk_left = [settings["max_junk_retries"]]
+    try:
+        with warnings.catch_warnings():
+            # ids above 2**63 (DR17 spectra) are read as text; astroquery casts them to uint64
+            warnings.filterwarnings("ignore", message=r"OverflowError converting to IntType in column .*obj")
+            return sdss.query_sql(sql, data_release=dr, timeout=timeout_s, cache=False)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(
+                exc.response.headers.get("Retry-After") if exc.response is not None else None
+            )
+            raise RetryableError(f"HTTP {status}", retry_after) from exc
+        raise SourceError(f"SkyServer DR{dr} refused the query (HTTP {status}): {sql[:160]}...") from exc
+    except (requests.Timeout, requests.ConnectionError) as exc:
+        raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+    except requests.exceptions.ChunkedEncodingError as exc:
+        raise RetryableError(f"truncated response ({exc})") from exc
+    except RemoteServiceError as exc:
+        raise SourceError(
+            f"SkyServer DR{dr} reported an error for the query: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+    except ValueError as exc:  # astropy's CSV reader choking on an HTML page
+        junk.retry_or_fail(
+            f"unparsable response ({exc})",
+            f"SkyServer DR{dr} answered with something that is not a CSV table "
+            f"(an HTML error page?): {' '.join(str(exc).split())[:200]}",
+            exc,
+        )
+
+
+def _table_to_frame(table: Any, *, dr: int, expected: Sequence[str], junk: _JunkBudget) -> pd.DataFrame:
+    """Check an answer has every ``expected`` column and no missing value; return it as a DataFrame."""
+    # SQL Server may echo a column in its table's spelling (objID): match case-insensitively
+    lower = {name.lower(): name for name in expected}
+    for col in list(table.colnames):
+        want = lower.get(col.lower())
+        if want is not None and want != col and want not in table.colnames:
+            table.rename_column(col, want)
+    missing = [c for c in expected if c not in table.colnames]
+    if missing:
+        junk.retry_or_fail(
+            f"junk table with columns {table.colnames[:3]}",
+            f"SkyServer DR{dr} answered with a table lacking columns {missing[:5]} "
+            f"(an HTML error page served with status 200?); got: {_snippet(table)!r}",
+        )
+    frame = table.to_pandas()
+    incomplete = frame[list(expected)].isna().any(axis=1)
+    if incomplete.any():
+        row = int(np.flatnonzero(incomplete.to_numpy())[0])
+        junk.retry_or_fail(
+            f"incomplete CSV row {row} (truncated answer?)",
+            f"SkyServer DR{dr} answered with an incomplete CSV table (row {row} has "
+            f"missing values; truncated answer?): {_snippet(table)!r}",
+        )
+    return frame
+
+
+@dataclass
+class _QueryRun:
+    """What the queries of one catalogue share: settings, the rate limiter, the log of SQL sent."""
+
+    sdss: SdssConfig
+    limiter: RateLimiter
+    expected: list[str]
+    sqls: list[str] = field(default_factory=list)
+    n_queries: int = 0
+    n_duplicates: int = 0
+
+
+def _run_query(sql: str, run: _QueryRun) -> pd.DataFrame | None:
+    """Send one SQL statement through astroquery, with rate limit and retries.
+
+    Returns None for an empty result; raises SourceError for anything that
+    is not the expected CSV table, or when the retries are exhausted.
+    """
+    dr = run.sdss.data_release
+    q = run.sdss.query
+    junk = _JunkBudget(q.max_junk_retries)
 
     def attempt() -> pd.DataFrame | None:
-        stats["queries"] = stats.get("queries", 0) + 1
-        try:
-            with warnings.catch_warnings():
-                # ids above 2**63 (DR17 spectra) are read as text; astroquery casts them to uint64
-                warnings.filterwarnings(
-                    "ignore", message=r"OverflowError converting to IntType in column .*obj"
-                )
-                table = sdss.query_sql(
-                    sql, data_release=dr, timeout=settings["timeout_s"], cache=False
-                )
-        except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else None
-            if status in RETRY_STATUSES:
-                retry_after = parse_retry_after(
-                    exc.response.headers.get("Retry-After") if exc.response is not None else None
-                )
-                raise RetryableError(f"HTTP {status}", retry_after) from exc
-            raise SourceError(f"SkyServer DR{dr} refused the query (HTTP {status}): {sql[:160]}...") from exc
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
-        except requests.exceptions.ChunkedEncodingError as exc:
-            raise RetryableError(f"truncated response ({exc})") from exc
-        except RemoteServiceError as exc:
-            raise SourceError(
-                f"SkyServer DR{dr} reported an error for the query: {' '.join(str(exc).split())[:300]}"
-            ) from exc
-        except ValueError as exc:  # astropy's CSV reader choking on an HTML page
-            if junk_left[0] > 0:
-                junk_left[0] -= 1
-                raise RetryableError(f"unparsable response ({exc})") from exc
-            raise SourceError(
-                f"SkyServer DR{dr} answered with something that is not a CSV table "
-                f"(an HTML error page?): {' '.join(str(exc).split())[:200]}"
-            ) from exc
-        if table is None:
-            return None
-        # SQL Server may echo a column in its table's spelling (objID): match case-insensitively
-        lower = {name.lower(): name for name in expected}
-        for col in list(table.colnames):
-            want = lower.get(col.lower())
-            if want is not None and want != col and want not in table.colnames:
-                table.rename_column(col, want)
-        missing = [c for c in expected if c not in table.colnames]
-        if missing:
-            if junk_left[0] > 0:
-                junk_left[0] -= 1
-                raise RetryableError(f"junk table with columns {table.colnames[:3]}")
-            raise SourceError(
-                f"SkyServer DR{dr} answered with a table lacking columns {missing[:5]} "
-                f"(an HTML error page served with status 200?); got: {_snippet(table)!r}"
-            )
-        frame = table.to_pandas()
-        incomplete = frame[list(expected)].isna().any(axis=1)
-        if incomplete.any():
-            row = int(np.flatnonzero(incomplete.to_numpy())[0])
-            if junk_left[0] > 0:
-                junk_left[0] -= 1
-                raise RetryableError(f"incomplete CSV row {row} (truncated answer?)")
-            raise SourceError(
-                f"SkyServer DR{dr} answered with an incomplete CSV table (row {row} has "
-                f"missing values; truncated answer?): {_snippet(table)!r}"
-            )
-        return frame
+        run.n_queries += 1
+        table = _send_query(sql, dr=dr, timeout_s=q.timeout_s, junk=junk)
+        return None if table is None else _table_to_frame(table, dr=dr, expected=run.expected, junk=junk)
 
     try:
         result, _ = call_with_retries(
             attempt,
             what=f"SkyServer DR{dr} SQL query",
-            max_retries=settings["max_retries"],
-            backoff_base_s=settings["backoff_base_s"],
-            backoff_max_s=settings["backoff_max_s"],
+            max_retries=q.max_retries,
+            backoff_base_s=q.backoff_base_s,
+            backoff_max_s=q.backoff_max_s,
             rng=random.Random(0),
-            before_attempt=limiter.acquire,
+            before_attempt=run.limiter.acquire,
         )
     except FetchError as exc:
         raise SourceError(f"{exc}; query: {sql[:160]}...") from exc
     return result
+
+
+def _query_class(label: str, run: _QueryRun) -> pd.DataFrame:
+    """Page through class ``label`` (keyset on objid) until ``n_per_class`` rows or an empty page.
+
+    Returns the merged pages, the lowest ``n_per_class`` objids, with a ``label`` column.
+    """
+    sdss = run.sdss
+    n_per_class = sdss.selection.n_per_class
+    dr = sdss.data_release
+    pages: list[pd.DataFrame] = []
+    seen: set[int] = set()
+    last = 0
+    while len(seen) < n_per_class:
+        sql = build_page_sql(sdss, label, top=min(sdss.query.page_size, n_per_class - len(seen)), after_objid=last)
+        run.sqls.append(sql)
+        page = _run_query(sql, run)
+        if page is None or page.empty:
+            break
+        ids = page["objid"].astype(np.int64)
+        dup = ids.duplicated() | ids.isin(seen)
+        run.n_duplicates += int(dup.sum())
+        page = page.loc[~dup.to_numpy()]
+        if page.empty:
+            break
+        pages.append(page)
+        seen.update(int(i) for i in page["objid"])
+        new_last = int(ids.max())
+        if new_last <= last:  # the server ignored the keyset bound: stop, do not loop
+            raise SourceError(
+                f"SkyServer DR{dr}: keyset paging did not advance past objid {last} "
+                f"for class {label!r}; query: {sql[:160]}..."
+            )
+        last = new_last
+    if not pages:
+        raise SourceError(
+            f"SkyServer DR{dr} ({base_url(sdss.skyserver_url)}) returned no rows for class {label!r} of label "
+            f"scheme {sdss.labels.scheme!r}: widen sdss.selection; first query: "
+            f"{build_page_sql(sdss, label, top=1)[:200]}..."
+        )
+    merged = pd.concat(pages, ignore_index=True).sort_values("objid", kind="stable")
+    merged = merged.head(n_per_class).copy()
+    merged["label"] = label
+    return merged
 
 
 def _finish(frame: pd.DataFrame, scheme: str) -> pd.DataFrame:
@@ -688,23 +610,32 @@ def _finish(frame: pd.DataFrame, scheme: str) -> pd.DataFrame:
     return out.sort_values(["label", "objid"], kind="stable").reset_index(drop=True)
 
 
+def _drop_ambiguous(per_class: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """Concatenate the classes, dropping objects selected by two classes; return them and how many."""
+    combined = pd.concat(per_class, ignore_index=True)
+    ids = combined["objid"].astype(np.int64)
+    ambiguous = ids.duplicated(keep=False)
+    return combined.loc[~ambiguous.to_numpy()], int(ids[ambiguous].nunique())
+
+
 def query_catalogue(
-    params: Mapping[str, Any] | None, *, seed: int, bands: Sequence[str]
+    sdss: SdssConfig | Mapping[str, Any], *, seed: int, bands: Sequence[str]
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Select a labelled galaxy catalogue on SkyServer.
 
     Parameters
     ----------
-    params : mapping
-        The ``sdss:`` config section (missing keys take :data:`DEFAULTS`).
-        ``skyserver_url`` is applied through astroquery's own configuration
-        (``astroquery.sdss.conf.skyserver_baseurl``) for the duration of the
-        call.
+    sdss : SdssConfig or mapping
+        The validated ``sdss:`` config section
+        (``galpipe.config.build_section("sdss", {...})``; a mapping goes
+        through :func:`sdss_section`).  ``skyserver_url``
+        is applied through astroquery's own configuration
+        (``astroquery.sdss.conf.skyserver_baseurl``) for the duration of the call.
     seed : int
         Recorded in the provenance (the selection itself is deterministic).
     bands : sequence of str
-        Imaging bands of the run (validated: ugriz); all five Petrosian
-        magnitudes are returned regardless.
+        Imaging bands of the run, recorded in the provenance; all five
+        Petrosian magnitudes are returned regardless.
 
     Returns
     -------
@@ -725,102 +656,131 @@ def query_catalogue(
     Raises
     ------
     ConfigError
-        Invalid settings (named key).
+        A mapping ``sdss`` is not a valid section.
     SourceError
         Empty result for a class, an HTML/junk answer, an SQL error reported by
         SkyServer, or retries exhausted; the message names the DR.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ConfigError(f"seed: expected an integer, got {_show(seed)}")
-    validate_bands(bands)
-    dr = data_release(params)
-    base = skyserver_url(params)
-    scheme = label_scheme(params)
-    classes = label_classes(params)
-    n_per_class = _integer(params, "selection.n_per_class", 1, 10_000_000)
-    settings = query_settings(params)
-    # validate everything that reaches SQL before the first request
-    build_queries(params)
-    expected = [name for _, name in select_columns(scheme)]
-    rate = settings["max_queries_per_minute"] / 60.0
-    limiter = RateLimiter(rate, burst=1)
-    sdss, conf, aq_version = _astroquery()
-    del sdss
-    sqls: list[str] = []
-    stats: dict[str, int] = {}
-    per_class: dict[str, pd.DataFrame] = {}
-    n_dupes = 0
+    sdss = sdss_section(sdss)
+    scheme = sdss.labels.scheme
+    classes = label_classes(sdss)
+    build_queries(sdss)  # every statement can be built before the first request
+    run = _QueryRun(sdss=sdss, limiter=RateLimiter(sdss.query.max_queries_per_minute / 60.0, burst=1),
+                    expected=[name for _, name in select_columns(scheme)])
+    _sdss, conf, aq_version = _astroquery()
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    with conf.set_temp("skyserver_baseurl", base):
-        for label in classes:
-            pages: list[pd.DataFrame] = []
-            seen: set[int] = set()
-            last = 0
-            while len(seen) < n_per_class:
-                top = min(settings["page_size"], n_per_class - len(seen))
-                sql = build_page_sql(params, label, top=top, after_objid=last)
-                sqls.append(sql)
-                page = _run_query(
-                    sql,
-                    dr=dr,
-                    settings=settings,
-                    limiter=limiter,
-                    expected=expected,
-                    stats=stats,
-                )
-                if page is None or page.empty:
-                    break
-                ids = page["objid"].astype(np.int64)
-                dup = ids.duplicated() | ids.isin(seen)
-                n_dupes += int(dup.sum())
-                page = page.loc[~dup.to_numpy()]
-                if page.empty:
-                    break
-                pages.append(page)
-                seen.update(int(i) for i in page["objid"])
-                new_last = int(ids.max())
-                if new_last <= last:  # the server ignored the keyset bound: stop, do not loop
-                    raise SourceError(
-                        f"SkyServer DR{dr}: keyset paging did not advance past objid {last} "
-                        f"for class {label!r}; query: {sql[:160]}..."
-                    )
-                last = new_last
-            if not pages:
-                raise SourceError(
-                    f"SkyServer DR{dr} ({base}) returned no rows for class {label!r} of label "
-                    f"scheme {scheme!r}: widen sdss.selection; first query: "
-                    f"{build_page_sql(params, label, top=1)[:200]}..."
-                )
-            merged = pd.concat(pages, ignore_index=True).sort_values("objid", kind="stable")
-            merged = merged.head(n_per_class).copy()
-            merged["label"] = label
-            per_class[label] = merged
-    combined = pd.concat(per_class.values(), ignore_index=True)
-    ids = combined["objid"].astype(np.int64)
-    ambiguous = ids.duplicated(keep=False)
-    n_ambiguous = int(ids[ambiguous].nunique())
-    combined = combined.loc[~ambiguous.to_numpy()]
+    with conf.set_temp("skyserver_baseurl", base_url(sdss.skyserver_url)):
+        per_class = [_query_class(label, run) for label in classes]
+    combined, n_ambiguous = _drop_ambiguous(per_class)
     catalogue = _finish(combined, scheme)
-    provenance: dict[str, Any] = {
+    provenance = _provenance(sdss, run, catalogue, classes=classes, started=started,
+                             duration_s=time.monotonic() - t0, astroquery_version=aq_version)
+    provenance.update({"n_ambiguous_dropped": n_ambiguous, "seed": int(seed), "bands": list(bands)})
+    return catalogue, provenance
+
+
+def _provenance(sdss: SdssConfig, run: _QueryRun, catalogue: pd.DataFrame, *, classes: list[str],
+                started: datetime, duration_s: float, astroquery_version: str) -> dict[str, Any]:
+    """What :func:`query_catalogue` sent and got (see its ``provenance``), ambiguity/seed/bands aside."""
+    dr = sdss.data_release
+    base = base_url(sdss.skyserver_url)
+    endpoint = "x_results.aspx" if dr > 10 else ("x_sql.aspx" if dr == 10 else "x_sql.asp")
+    return {
         "source": "sdss",
-        "sql": sqls,
+        "sql": run.sqls,
         "data_release": dr,
         "queried_at_utc": started.isoformat(timespec="seconds"),
-        "duration_s": round(time.monotonic() - t0, 3),
+        "duration_s": round(duration_s, 3),
         "skyserver_url": base,
-        "query_endpoint": f"{base}/dr{dr}/en/tools/search/"
-        + ("x_results.aspx" if dr > 10 else ("x_sql.aspx" if dr == 10 else "x_sql.asp")),
-        "astroquery_version": aq_version,
+        "query_endpoint": f"{base}/dr{dr}/en/tools/search/{endpoint}",
+        "astroquery_version": astroquery_version,
         "galpipe_version": __version__,
-        "label_scheme": scheme,
+        "label_scheme": sdss.labels.scheme,
         "classes": classes,
-        "n_per_class": n_per_class,
+        "n_per_class": sdss.selection.n_per_class,
         "counts": {k: int((catalogue["label"] == k).sum()) for k in classes},
-        "n_queries": int(stats.get("queries", 0)),
-        "n_duplicates_dropped": n_dupes,
-        "n_ambiguous_dropped": n_ambiguous,
-        "seed": int(seed),
-        "bands": list(bands),
+        "n_queries": run.n_queries,
+        "n_duplicates_dropped": run.n_duplicates,
     }
-    return catalogue, provenance
+
+
+# --------------------------------------------------------------------------- the source
+#: Root of the SDSS frame cache (shared by every configuration), relative to the working directory.
+FRAME_CACHE_ROOT = Path("resources") / "sdss"
+
+
+@register_source
+class SdssSource:
+    """Source ``sdss``: the live SDSS services (SkyServer SQL, SAS frames or SkyServer JPEGs).
+
+    Parameters
+    ----------
+    cfg : Config
+        The whole validated configuration; uses ``sdss``, ``seed``, ``bands``
+        (ugriz for ``sdss-frames``, ``[red, green, blue]`` for
+        ``skyserver-jpeg``; checked by :func:`galpipe.config.cross_field_checks`)
+        and ``cutout_size``.
+    frame_cache_dir : path-like
+        Root of the frame cache (``sdss-frames``); :data:`FRAME_CACHE_ROOT` by default.
+    """
+
+    name: ClassVar[str] = "sdss"
+
+    def __init__(self, cfg: Config, *, frame_cache_dir: PathLike = FRAME_CACHE_ROOT) -> None:
+        self.cfg = cfg
+        self.section: SdssConfig = cfg.sdss
+        self.frame_cache_dir = Path(frame_cache_dir)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """``cfg.bands``: SDSS bands of the frames, or ``("red", "green", "blue")`` for JPEGs."""
+        return tuple(self.cfg.bands)
+
+    @property
+    def catalogue_columns(self) -> tuple[str, ...]:
+        """What the configured provider reads: position, and the field of a frame or the size for JPEG scaling."""
+        from galpipe.sources.sdss_cutouts import _needed_columns
+
+        return tuple(_needed_columns(self.cfg.sdss.cutouts))
+
+    @property
+    def crop_fraction(self) -> float:
+        """1.0: stamps are cut around each galaxy, an external image is not cropped."""
+        return 1.0
+
+    def params(self) -> dict[str, Any]:
+        """``source``, ``seed``, the ``sdss`` section, ``bands`` and ``cutout_size`` (plain data)."""
+        return {
+            "source": self.name,
+            "seed": int(self.cfg.seed),
+            "sdss": self.section.to_dict(),
+            "bands": list(self.cfg.bands),
+            "cutout_size": int(self.cfg.cutout_size),
+        }
+
+    def catalogue(self) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The SkyServer selection (:func:`query_catalogue`) and its provenance."""
+        return query_catalogue(self.section, seed=self.cfg.seed, bands=self.cfg.bands)
+
+    def make_cutouts(self, shard: pd.DataFrame, cache: CutoutCache, *, progress: bool = False) -> pd.DataFrame:
+        """Fetch the cutouts of ``shard`` into ``cache`` (:func:`galpipe.sources.sdss_cutouts.fetch_cutouts`).
+
+        Galaxies that could not be fetched are in the manifest with
+        ``status="failed"`` and the reason; the caller applies ``max_reject_fraction``.
+        """
+        from galpipe.sources.sdss_cutouts import fetch_cutouts
+
+        return fetch_cutouts(shard, cache, sdss=self.section, bands=self.cfg.bands, size=int(self.cfg.cutout_size),
+                             frame_cache_dir=self.frame_cache_dir, progress=progress)
+
+    def input_files(self) -> list[Path]:
+        """None: everything comes from the network."""
+        return []
+
+    @classmethod
+    def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
+        """An external FITS, JPEG or PNG image as cutout pixels (see :func:`.images.load_external_image`)."""
+        from galpipe.sources.images import load_external_image
+
+        return load_external_image(path, size=size, crop_fraction=crop_fraction)

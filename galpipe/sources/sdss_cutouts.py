@@ -25,9 +25,11 @@ Both use one :class:`~galpipe.sources.download.Downloader` (bounded thread
 pool, shared token-bucket rate limit, retries with backoff honouring
 ``Retry-After``, verification of every body).  A rerun skips galaxies whose
 cutout file already reads back correctly and frames already in the cache, so
-only what is missing is fetched.  Galaxies that still fail are reported in the
-manifest with the reason; the call raises :class:`SourceError` only when the
-failed fraction exceeds ``sdss.download.max_failure_fraction``.
+only what is missing is fetched.  Cutouts are written and validated by the
+shared :class:`~galpipe.sources.base.CutoutCache` (atomic writes; a parallel
+shard job's temporary file is never touched).  Galaxies that still fail are
+reported in the manifest with ``status="failed"`` and the reason: the one
+threshold, ``max_reject_fraction``, is applied by the cutouts stage.
 """
 
 from __future__ import annotations
@@ -36,9 +38,7 @@ import contextlib
 import os
 import threading
 import time
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,85 +49,33 @@ from astropy.nddata import Cutout2D
 from astropy.nddata.utils import NoOverlapError
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from galpipe.errors import ConfigError, DataError, GalpipeError, SourceError
-from galpipe.io import atomic_write_bytes, cutout_filename, read_cutout, write_cutout
-from galpipe.sources import sdss as sdss_mod
+from galpipe.errors import ConfigError, DataError, GalpipeError
+from galpipe.io.atomic import atomic_write_bytes
+from galpipe.settings import SdssConfig, SdssCutouts
+from galpipe.sources.base import CutoutCache, PathLike, manifest_frame
 from galpipe.sources.download import (
-    DownloadConfig,
     Downloader,
     Frame,
     parse_frame_bz2,
     parse_jpeg,
     run_tasks,
 )
+from galpipe.sources.sdss import sdss_section
 
 PROVIDERS: tuple[str, ...] = ("sdss-frames", "skyserver-jpeg")
 JPEG_BANDS: tuple[str, ...] = ("red", "green", "blue")
 JPEG_SCALE_RANGE: tuple[float, float] = (0.05, 30.0)
-MANIFEST_COLUMNS: tuple[str, ...] = ("objid", "path", "status", "reason", "n_filled")
-#: Temp files of ``galpipe.io.atomic_path`` older than this are removed from the cache.
+#: SDSS imaging bands a frame exists for.
+FRAME_BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
+#: Temp files of ``galpipe.io.atomic.atomic_path`` older than this are removed from the frame cache.
 STALE_TMP_S = 3600.0
+#: One galaxy's outcome: ``(status, reason, n_filled)``.
+Result = tuple[str, str, int]
 
 
-# --------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class CutoutSettings:
-    """Validated ``sdss.cutouts`` settings (see the schema for meanings)."""
-
-    provider: str
-    cache_max_bytes: int | None
-    frame_shape: tuple[int, int] | None
-    jpeg_scale_mode: str
-    jpeg_scale: float
-    jpeg_span_r90: float
-
-
-def cutout_settings(params: Mapping[str, Any] | None) -> CutoutSettings:
-    """Validate ``sdss.cutouts`` (missing keys take their defaults)."""
-    section = sdss_mod._lookup(params, "cutouts")
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"sdss.cutouts: expected a mapping, got {section!r}")
-    unknown = sorted(set(section) - set(sdss_mod.DEFAULTS["cutouts"]))
-    if unknown:
-        raise ConfigError(
-            f"sdss.cutouts: unknown key(s) {unknown}; expected some of {sorted(sdss_mod.DEFAULTS['cutouts'])}"
-        )
-    provider = sdss_mod._lookup(params, "cutouts.provider")
-    if provider not in PROVIDERS:
-        raise ConfigError(f"sdss.cutouts.provider: expected one of {PROVIDERS}, got {provider!r}")
-    cache_mb = sdss_mod._lookup(params, "cutouts.cache_max_mb")
-    cache_bytes = None
-    if cache_mb is not None:
-        cache_bytes = int(sdss_mod.check_number("sdss.cutouts.cache_max_mb", cache_mb, 0.0, 1e9) * 1024 * 1024)
-    shape = sdss_mod._lookup(params, "cutouts.frame_shape")
-    frame_shape = None
-    if shape is not None:
-        if isinstance(shape, str) or not isinstance(shape, Sequence) or len(shape) != 2:
-            raise ConfigError(f"sdss.cutouts.frame_shape: expected [rows, columns] or null, got {shape!r}")
-        frame_shape = (
-            sdss_mod.check_integer("sdss.cutouts.frame_shape[0]", shape[0], 1, 20000),
-            sdss_mod.check_integer("sdss.cutouts.frame_shape[1]", shape[1], 1, 20000),
-        )
-    mode = sdss_mod._lookup(params, "cutouts.jpeg_scale_mode")
-    if mode not in ("fixed", "petro"):
-        raise ConfigError(f"sdss.cutouts.jpeg_scale_mode: expected 'fixed' or 'petro', got {mode!r}")
-    return CutoutSettings(
-        provider=str(provider),
-        cache_max_bytes=cache_bytes,
-        frame_shape=frame_shape,
-        jpeg_scale_mode=str(mode),
-        jpeg_scale=sdss_mod._number(params, "cutouts.jpeg_scale", 0.01, 60.0),
-        jpeg_span_r90=sdss_mod._number(params, "cutouts.jpeg_span_r90", 0.1, 1000.0),
-    )
-
-
-def download_config(params: Mapping[str, Any] | None) -> DownloadConfig:
-    """The :class:`DownloadConfig` of ``sdss.download`` over its defaults."""
-    section = sdss_mod._lookup(params, "download")
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"sdss.download: expected a mapping, got {section!r}")
-    merged = {**sdss_mod.DEFAULTS["download"], **dict(section)}
-    return DownloadConfig.from_params(merged)
+def cache_max_bytes(cutouts: SdssCutouts) -> int | None:
+    """The frame-cache bound ``sdss.cutouts.cache_max_mb`` in bytes (None: no bound)."""
+    return None if cutouts.cache_max_mb is None else int(float(cutouts.cache_max_mb) * 1024 * 1024)
 
 
 # --------------------------------------------------------------------------- URLs
@@ -156,13 +104,13 @@ def jpeg_url(skyserver_url: str, dr: int) -> str:
     return f"{skyserver_url.rstrip('/')}/dr{dr}/SkyServerWS/ImgCutout/getjpeg"
 
 
-def jpeg_scale(settings: CutoutSettings, petro_r90: float | None, size: int) -> float:
+def jpeg_scale(cutouts: SdssCutouts, petro_r90: float | None, size: int) -> float:
     """Arcsec/pixel of a JPEG cutout (fixed, or ``span * petroR90_r / size``, clipped)."""
-    if settings.jpeg_scale_mode == "fixed":
-        return settings.jpeg_scale
+    if cutouts.jpeg_scale_mode == "fixed":
+        return float(cutouts.jpeg_scale)
     if petro_r90 is None or not np.isfinite(petro_r90) or petro_r90 <= 0:
         raise DataError(f"petroR90_r {petro_r90!r} is not a positive number (jpeg_scale_mode=petro)")
-    scale = settings.jpeg_span_r90 * float(petro_r90) / size
+    scale = float(cutouts.jpeg_span_r90) * float(petro_r90) / size
     return float(np.clip(scale, *JPEG_SCALE_RANGE))
 
 
@@ -300,30 +248,10 @@ def _check_catalogue(catalogue: pd.DataFrame, needed: Sequence[str]) -> None:
             raise DataError(f"catalogue row {row}: column {c} is missing (NaN)")
 
 
-def _existing_ok(path: Path, bands: Sequence[str], size: int) -> int | None:
-    """``NFILLED`` of a valid existing cutout, else None (absent or unreadable)."""
-    if not path.is_file():
-        return None
-    try:
-        with warnings.catch_warnings():  # called before any worker thread starts
-            warnings.simplefilter("ignore")
-            cut = read_cutout(path, bands=bands)
-    except DataError:
-        return None
-    if cut.data.shape[1:] != (size, size):
-        return None
-    return int(cut.header.get("NFILLED", 0))
-
-
-def _remove_stale_tmp(out_dir: Path) -> None:
-    for p in out_dir.glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-
-
 def _fail_reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}"[:500]
+
 
 
 # --------------------------------------------------------------------------- frames provider
@@ -395,105 +323,110 @@ def _cut_stamp(frames: Sequence[Frame], ra: float, dec: float, size: int) -> tup
     return stack, wcss, int(filled.sum()), scale
 
 
-def _frames_provider(
-    todo: pd.DataFrame,
-    out_dir: Path,
-    *,
-    bands: list[str],
-    size: int,
-    params: Mapping[str, Any] | None,
-    settings: CutoutSettings,
-    cache_dir: Path,
-    downloader: Downloader,
-    progress: bool,
-) -> tuple[dict[int, tuple[str, str, int]], dict[str, int]]:
-    dr = sdss_mod.data_release(params)
-    sas = sdss_mod.sas_url(params)
-    cache = FrameCache(Path(cache_dir) / "frames", settings.cache_max_bytes)
-    stats = {"frames_downloaded": 0, "frames_cached": 0}
-    stats_lock = threading.Lock()
-    keys = ["run", "rerun", "camcol", "field"]
-    groups = [(tuple(int(v) for v in key), grp) for key, grp in todo.groupby(keys, sort=True)]
+class _FieldWorker:
+    """Makes the stamps of the galaxies of one field at a time (run by :func:`run_tasks` threads).
 
-    def work(item: tuple[tuple[int, ...], pd.DataFrame]) -> dict[int, tuple[str, str, int]]:
-        (run, rerun, camcol, fnum), grp = item
-        results: dict[int, tuple[str, str, int]] = {}
-        paths = [cache.path_for(dr, run, rerun, camcol, fnum, b) for b in bands]
+    The field's frames (one per band) are loaded once, from the frame cache
+    or the SAS, pinned while in use, and every galaxy's stamp is cut from them.
+    """
+
+    def __init__(self, cache: CutoutCache, *, sdss: SdssConfig, bands: Sequence[str], size: int,
+                 frame_cache_dir: Path, downloader: Downloader) -> None:
+        self.cache = cache
+        self.bands = list(bands)
+        self.size = size
+        self.dr = sdss.data_release
+        self.sas = sdss.sas_url.rstrip("/")
+        shape = sdss.cutouts.frame_shape
+        self.frame_shape: tuple[int, int] | None = (int(shape[0]), int(shape[1])) if shape is not None else None
+        self.frames = FrameCache(Path(frame_cache_dir) / "frames", cache_max_bytes(sdss.cutouts))
+        self.downloader = downloader
+        self.stats = {"frames_downloaded": 0, "frames_cached": 0}
+        self.stats_lock = threading.Lock()
+
+    def _field_frames(self, run: int, rerun: int, camcol: int, fnum: int) -> list[Frame]:
+        paths = [self.frames.path_for(self.dr, run, rerun, camcol, fnum, b) for b in self.bands]
         for p in paths:
-            cache.pin(p)
+            self.frames.pin(p)
         try:
-            frames = []
-            for band, path in zip(bands, paths, strict=True):
-                url = frame_url(sas, dr, run=run, rerun=rerun, camcol=camcol, field=fnum, band=band)
-                frames.append(_load_frame(cache, downloader, url, path, settings.frame_shape, stats, stats_lock))
+            return [
+                _load_frame(self.frames, self.downloader,
+                            frame_url(self.sas, self.dr, run=run, rerun=rerun, camcol=camcol, field=fnum, band=band),
+                            path, self.frame_shape, self.stats, self.stats_lock)
+                for band, path in zip(self.bands, paths, strict=True)
+            ]
+        finally:
+            for p in paths:
+                self.frames.unpin(p)
+
+    def _stamp(self, row: Any, frames: Sequence[Frame], field_key: tuple[int, int, int, int]) -> Result:
+        run, rerun, camcol, fnum = field_key
+        ra, dec = float(row.ra), float(row.dec)
+        try:
+            stack, wcss, n_filled, scale = _cut_stamp(frames, ra, dec, self.size)
+            self.cache.write(int(row.objid), stack, bands=self.bands, ra=ra, dec=dec, source="sdss",
+                             bunit="nanomaggy", pixel_scale=scale, wcs=wcss, n_filled=n_filled,
+                             extra={"RUN": run, "RERUN": rerun, "CAMCOL": camcol, "FIELD": fnum, "DR": self.dr})
+            return "ok", "", n_filled
+        except NoOverlapError:
+            return ("failed", f"position ({ra:.6f}, {dec:.6f}) lies outside the "
+                    f"frames of run {run} camcol {camcol} field {fnum}", -1)
+        except (GalpipeError, OSError, ValueError) as exc:
+            return "failed", _fail_reason(exc), -1
+
+    def __call__(self, item: tuple[tuple[int, int, int, int], pd.DataFrame]) -> dict[int, Result]:
+        field_key, grp = item
+        run, rerun, camcol, fnum = field_key
+        try:
+            frames = self._field_frames(run, rerun, camcol, fnum)
         except GalpipeError as exc:
             reason = f"frames of run {run} camcol {camcol} field {fnum}: {_fail_reason(exc)}"
             return {int(o): ("failed", reason, -1) for o in grp["objid"]}
-        finally:
-            for p in paths:
-                cache.unpin(p)
-        for row in grp.itertuples(index=False):
-            objid = int(row.objid)
-            try:
-                stack, wcss, n_filled, scale = _cut_stamp(frames, float(row.ra), float(row.dec), size)
-                write_cutout(
-                    out_dir / cutout_filename(objid),
-                    stack,
-                    bands=bands,
-                    objid=objid,
-                    ra=float(row.ra),
-                    dec=float(row.dec),
-                    source="sdss",
-                    bunit="nanomaggy",
-                    pixel_scale=scale,
-                    wcs=wcss,
-                    n_filled=n_filled,
-                    extra={"RUN": run, "RERUN": rerun, "CAMCOL": camcol, "FIELD": fnum, "DR": dr},
-                )
-                results[objid] = ("ok", "", n_filled)
-            except NoOverlapError:
-                results[objid] = (
-                    "failed",
-                    f"position ({float(row.ra):.6f}, {float(row.dec):.6f}) lies outside the "
-                    f"frames of run {run} camcol {camcol} field {fnum}",
-                    -1,
-                )
-            except (GalpipeError, OSError, ValueError) as exc:
-                results[objid] = ("failed", _fail_reason(exc), -1)
-        return results
+        return {int(row.objid): self._stamp(row, frames, field_key) for row in grp.itertuples(index=False)}
 
-    merged: dict[int, tuple[str, str, int]] = {}
-    for res in run_tasks(
-        groups,
-        work,
-        concurrency=downloader.config.concurrency,
-        weight=lambda item: len(item[1]),
-        progress=progress,
-        desc="sdss frames",
-    ):
+
+def _frames_provider(
+    todo: pd.DataFrame,
+    cache: CutoutCache,
+    *,
+    sdss: SdssConfig,
+    bands: Sequence[str],
+    size: int,
+    frame_cache_dir: Path,
+    downloader: Downloader,
+    progress: bool,
+) -> tuple[dict[int, Result], dict[str, int]]:
+    """Stamps of ``todo`` cut from the calibrated frames, fetched once per field (in parallel)."""
+    worker = _FieldWorker(cache, sdss=sdss, bands=bands, size=size, frame_cache_dir=frame_cache_dir,
+                          downloader=downloader)
+    keys = ["run", "rerun", "camcol", "field"]
+    groups = [(tuple(int(v) for v in key), grp) for key, grp in todo.groupby(keys, sort=True)]
+    merged: dict[int, Result] = {}
+    for res in run_tasks(groups, worker, concurrency=downloader.config.concurrency,
+                         weight=lambda item: len(item[1]), progress=progress, desc="sdss frames"):
         merged.update(res)
-    return merged, stats
+    return merged, worker.stats
 
 
 # --------------------------------------------------------------------------- JPEG provider
 def _jpeg_provider(
     todo: pd.DataFrame,
-    out_dir: Path,
+    cache: CutoutCache,
     *,
+    sdss: SdssConfig,
     size: int,
-    params: Mapping[str, Any] | None,
-    settings: CutoutSettings,
     downloader: Downloader,
     progress: bool,
-) -> tuple[dict[int, tuple[str, str, int]], dict[str, int]]:
-    dr = sdss_mod.data_release(params)
-    url = jpeg_url(sdss_mod.skyserver_url(params), dr)
+) -> tuple[dict[int, Result], dict[str, int]]:
+    """SkyServer ImgCutout JPEGs of ``todo`` (one request per galaxy, in parallel)."""
+    dr = sdss.data_release
+    url = jpeg_url(sdss.skyserver_url, dr)
     rows = list(todo.to_dict(orient="records"))
 
-    def work(row: dict[str, Any]) -> tuple[int, tuple[str, str, int]]:
+    def work(row: dict[str, Any]) -> tuple[int, Result]:
         objid = int(row["objid"])
         try:
-            scale = jpeg_scale(settings, row.get("petroR90_r"), size)
+            scale = jpeg_scale(sdss.cutouts, row.get("petroR90_r"), size)
             query = {
                 "ra": f"{float(row['ra']):.8f}",
                 "dec": f"{float(row['dec']):.8f}",
@@ -503,62 +436,88 @@ def _jpeg_provider(
             }
             _, rgb, _ = downloader.fetch(url, lambda b: parse_jpeg(b, expected_size=(size, size)), params=query)
             # JPEG rows run top to bottom; the FITS layout has y increasing upwards
-            write_cutout(
-                out_dir / cutout_filename(objid),
-                rgb[:, ::-1, :],
-                bands=JPEG_BANDS,
-                objid=objid,
-                ra=float(row["ra"]),
-                dec=float(row["dec"]),
-                source="sdss",
-                bunit="DN",
-                pixel_scale=scale,
-                n_filled=0,
-                extra={"DR": dr},
-            )
+            cache.write(objid, rgb[:, ::-1, :], bands=JPEG_BANDS, ra=float(row["ra"]), dec=float(row["dec"]),
+                        source="sdss", bunit="DN", pixel_scale=scale, n_filled=0, extra={"DR": dr})
             return objid, ("ok", "", 0)
         except (GalpipeError, OSError, ValueError) as exc:
             return objid, ("failed", _fail_reason(exc), -1)
 
-    results = run_tasks(
-        rows,
-        work,
-        concurrency=downloader.config.concurrency,
-        progress=progress,
-        desc="skyserver jpeg",
-    )
+    results = run_tasks(rows, work, concurrency=downloader.config.concurrency, progress=progress,
+                        desc="skyserver jpeg")
     return dict(results), {"jpegs_downloaded": sum(1 for _, r in results if r[0] == "ok")}
 
 
 # --------------------------------------------------------------------------- public API
+def provider_bands(cutouts: SdssCutouts, bands: Sequence[str]) -> tuple[str, ...]:
+    """The bands the configured provider writes: ``bands`` (ugriz) for frames, :data:`JPEG_BANDS` for JPEGs.
+
+    :func:`galpipe.config.cross_field_checks` makes a config consistent; this
+    guards direct library calls (a band name also becomes part of a URL).
+
+    Raises
+    ------
+    ConfigError
+        ``bands`` do not suit the provider (the message names ``bands``).
+    """
+    if cutouts.provider == "skyserver-jpeg":
+        if tuple(bands) != JPEG_BANDS:
+            raise ConfigError(f"bands: the skyserver-jpeg provider writes bands {list(JPEG_BANDS)}; "
+                              f"set bands to that list (got {list(bands)})")
+        return JPEG_BANDS
+    bad = [b for b in bands if b not in FRAME_BANDS]
+    if bad or not bands or len(set(bands)) != len(bands):
+        raise ConfigError(f"bands: the sdss-frames provider needs distinct SDSS bands from {list(FRAME_BANDS)}, "
+                          f"got {list(bands)}")
+    return tuple(bands)
+
+
+def _needed_columns(cutouts: SdssCutouts) -> list[str]:
+    """Catalogue columns the configured provider reads."""
+    if cutouts.provider == "skyserver-jpeg":
+        return ["objid", "ra", "dec"] + (["petroR90_r"] if cutouts.jpeg_scale_mode == "petro" else [])
+    return ["objid", "ra", "dec", "run", "rerun", "camcol", "field"]
+
+
+def _reuse_valid(objids: Sequence[int], cache: CutoutCache, *, bands: Sequence[str], size: int) -> dict[int, Result]:
+    """Results of the galaxies whose cutout is already valid in ``cache`` (their stored ``NFILLED`` kept)."""
+    out: dict[int, Result] = {}
+    for o in objids:
+        cut = cache.load_valid(o, size=size, bands=bands)
+        if cut is not None:
+            out[o] = ("ok", "", int(cut.header.get("NFILLED", 0)))
+    return out
+
+
 def fetch_cutouts(
     catalogue: pd.DataFrame,
-    out_dir: str | os.PathLike[str],
+    cache: CutoutCache | PathLike,
     *,
+    sdss: SdssConfig | Mapping[str, Any],
     bands: Sequence[str],
     size: int,
-    params: Mapping[str, Any] | None,
-    cache_dir: str | os.PathLike[str],
+    frame_cache_dir: PathLike,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Fetch and write one cutout per galaxy of ``catalogue``.
+    """Fetch and write one cutout per galaxy of ``catalogue`` into ``cache``.
 
     Parameters
     ----------
     catalogue : pandas.DataFrame
         Needs ``objid``, ``ra``, ``dec``; ``run``, ``rerun``, ``camcol``,
         ``field`` for ``sdss-frames``; ``petroR90_r`` for JPEG ``petro`` scaling.
-    out_dir : path
-        Where ``{objid}.fits`` files go (galpipe cutout layout).
+    cache : CutoutCache or path-like
+        Where the cutouts go (a folder becomes ``CutoutCache(folder)``); a
+        valid cached cutout is kept (not fetched again).
+    sdss : SdssConfig or mapping
+        The validated ``sdss:`` section (``data_release``, URLs, ``cutouts``,
+        ``download`` used; a mapping goes through :func:`.sdss.sdss_section`).
     bands : sequence of str
         ``sdss-frames``: SDSS bands (ugriz), one image HDU each.
-        ``skyserver-jpeg``: must be ``["red", "green", "blue"]``.
+        ``skyserver-jpeg``: ``["red", "green", "blue"]``.
     size : int
-        Stamp side in pixels (8..1024).
-    params : mapping
-        The ``sdss:`` config section (``cutouts`` and ``download`` used).
-    cache_dir : path
-        Root of the frame cache (frames go to ``{cache_dir}/frames/...``).
+        Stamp side in pixels.
+    frame_cache_dir : path-like
+        Root of the frame cache (frames go to ``{frame_cache_dir}/frames/...``).
     progress : bool
         Show a tqdm progress bar.
 
@@ -567,97 +526,40 @@ def fetch_cutouts(
     pandas.DataFrame
         Manifest, one row per input galaxy in input order: ``objid`` (int64),
         ``path`` (str), ``status`` (``"ok"``/``"failed"``), ``reason`` (str,
-        empty when ok), ``n_filled`` (int64; -1 when failed).  ``attrs["stats"]``
-        holds counters (frames downloaded/cached, cutouts skipped, requests).
+        empty when ok), ``n_filled`` (int64; -1 when failed).  Failed galaxies
+        never raise: the caller applies ``max_reject_fraction``.
+        ``attrs["stats"]`` holds counters (frames downloaded/cached, cutouts
+        skipped, requests, provider).
 
     Raises
     ------
     ConfigError
-        Invalid settings or bands.
+        ``bands`` do not suit the provider, or a mapping ``sdss`` is not a valid section.
     DataError
-        Malformed catalogue.
-    SourceError
-        More than ``max_failure_fraction`` of the galaxies failed (the message
-        summarises the reasons).
+        Malformed catalogue (missing column or value, duplicate ``objid``).
     """
-    settings = cutout_settings(params)
-    dl_config = download_config(params)
-    size = sdss_mod.check_integer("size", size, 8, 1024)
-    if settings.provider == "skyserver-jpeg":
-        if list(bands) != list(JPEG_BANDS):
-            raise ConfigError(
-                f"bands: the skyserver-jpeg provider writes bands {list(JPEG_BANDS)}; "
-                f"set bands to that list (got {list(bands)})"
-            )
-        band_list = list(JPEG_BANDS)
-        needed = ["objid", "ra", "dec"] + (["petroR90_r"] if settings.jpeg_scale_mode == "petro" else [])
-    else:
-        band_list = sdss_mod.validate_bands(bands)
-        needed = ["objid", "ra", "dec", "run", "rerun", "camcol", "field"]
-    sdss_mod.data_release(params)
-    _check_catalogue(catalogue, needed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-
+    sdss = sdss_section(sdss)
+    if not isinstance(cache, CutoutCache):
+        cache = CutoutCache(cache)
+    cutouts = sdss.cutouts
+    band_list = provider_bands(cutouts, bands)
+    _check_catalogue(catalogue, _needed_columns(cutouts))
     objids = [int(o) for o in catalogue["objid"]]
-    paths = {o: out / cutout_filename(o) for o in objids}
-    results: dict[int, tuple[str, str, int]] = {}
-    for o in objids:
-        n_filled = _existing_ok(paths[o], band_list, size)
-        if n_filled is not None:
-            results[o] = ("ok", "", n_filled)
+    results = _reuse_valid(objids, cache, bands=band_list, size=size)
     n_skipped = len(results)
     todo = catalogue[[o not in results for o in objids]]
     stats: dict[str, int] = {}
-    with Downloader(dl_config) as downloader:
-        if len(todo):
-            if settings.provider == "sdss-frames":
-                got, stats = _frames_provider(
-                    todo,
-                    out,
-                    bands=band_list,
-                    size=size,
-                    params=params,
-                    settings=settings,
-                    cache_dir=Path(cache_dir),
-                    downloader=downloader,
-                    progress=progress,
-                )
-            else:
-                got, stats = _jpeg_provider(
-                    todo,
-                    out,
-                    size=size,
-                    params=params,
-                    settings=settings,
-                    downloader=downloader,
-                    progress=progress,
-                )
+    with Downloader(sdss.download) as downloader:
+        if len(todo) and cutouts.provider == "sdss-frames":
+            got, stats = _frames_provider(todo, cache, sdss=sdss, bands=band_list, size=size,
+                                          frame_cache_dir=Path(frame_cache_dir), downloader=downloader,
+                                          progress=progress)
+            results.update(got)
+        elif len(todo):
+            got, stats = _jpeg_provider(todo, cache, sdss=sdss, size=size, downloader=downloader, progress=progress)
             results.update(got)
         n_requests = downloader.n_requests
-    manifest = pd.DataFrame(
-        {
-            "objid": np.array(objids, dtype=np.int64),
-            "path": [str(paths[o]) for o in objids],
-            "status": [results[o][0] for o in objids],
-            "reason": [results[o][1] for o in objids],
-            "n_filled": np.array([results[o][2] for o in objids], dtype=np.int64),
-        }
-    )
-    manifest.attrs["stats"] = {
-        **stats,
-        "skipped_existing": n_skipped,
-        "requests": n_requests,
-        "provider": settings.provider,
-    }
-    failed = manifest[manifest["status"] == "failed"]
-    if len(manifest) and len(failed) / len(manifest) > dl_config.max_failure_fraction:
-        reasons = failed["reason"].value_counts().head(3)
-        summary = "; ".join(f"{n} x {r[:200]}" for r, n in reasons.items())
-        raise SourceError(
-            f"sdss cutouts: {len(failed)} of {len(manifest)} galaxies failed "
-            f"({len(failed) / len(manifest):.1%} > sdss.download.max_failure_fraction="
-            f"{dl_config.max_failure_fraction}); most common reasons: {summary}"
-        )
+    manifest = manifest_frame((o, str(cache.path(o)), *results[o]) for o in objids)
+    manifest.attrs["stats"] = {**stats, "skipped_existing": n_skipped, "requests": n_requests,
+                               "provider": cutouts.provider}
     return manifest

@@ -67,24 +67,30 @@ random draws do not depend on ``bands``: every band's colours are always
 drawn); the pixels of a galaxy are a function of ``(catalogue row, seed)``
 only, through ``numpy.random.default_rng([seed, objid % 2**63, stream])``, so
 shards can be rendered in any order and in parallel.
+
+:class:`SimulatedSource` is the registered source ``simulated``: it takes the
+validated :class:`~galpipe.settings.Config` (the ``simulated`` section's
+defaults and ranges live in the JSON schema only) and writes the cutouts
+through the shared :class:`~galpipe.sources.base.CutoutCache`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import galsim
 import numpy as np
 import pandas as pd
-from astropy.utils.exceptions import AstropyWarning
 
+from galpipe import __version__
 from galpipe.errors import ConfigError, DataError
-from galpipe.io import cutout_filename, read_cutout, write_cutout
+from galpipe.settings import Config, Region, SimulatedConfig
+from galpipe.sources import register_source
+from galpipe.sources.base import CutoutCache, ExternalImage, PathLike, manifest_frame
 from galpipe.sources.sdss_photometry import (
     DARK_VARIANCE,
     GAIN,
@@ -102,26 +108,15 @@ from galpipe.sources.sdss_photometry import (
 __all__ = [
     "COMPONENTS",
     "COMPONENT_COLOURS",
-    "DEFAULTS",
     "SIMULATED_CLASSES",
+    "SimulatedSource",
     "make_cutouts",
     "render_galaxy",
     "simulate_catalogue",
-    "validate_params",
 ]
 
 #: Morphological classes of the simulated survey.
 SIMULATED_CLASSES: tuple[str, ...] = ("elliptical", "spiral", "edge_on")
-
-#: Defaults of the ``simulated:`` config section.
-DEFAULTS: dict[str, Any] = {
-    "n_galaxies": 2000,
-    "class_fractions": {"elliptical": 1.0, "spiral": 1.0, "edge_on": 1.0},
-    "pixel_scale": PIXEL_SCALE,
-    "psf_fwhm": 1.4,
-    "mag_r_range": [14.0, 17.77],
-    "region": {"ra_min": 150.0, "ra_max": 200.0, "dec_min": 0.0, "dec_max": 40.0},
-}
 
 #: Light components of a galaxy; each has per-band fluxes ``flux_<comp>_<band>``.
 #: ``bulge``: the bulge of a disc galaxy, or the (redder) core of an elliptical;
@@ -173,114 +168,9 @@ _ARM_MAX_GRID = 128  # largest side of the arm image (pixels)
 _MAG_CALIB_ERR = 0.01  # fractional calibration error added to Petrosian fluxes
 
 
-# --------------------------------------------------------------------------- config
+# --------------------------------------------------------------------------- helpers
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
-def _float(params: Mapping[str, Any], key: str, lo: float, hi: float) -> float:
-    value = params[key]
-    if not _is_number(value) or not math.isfinite(float(value)):
-        raise ConfigError(f"simulated.{key}: expected a number, got {value!r}")
-    v = float(value)
-    if not lo < v <= hi:
-        raise ConfigError(f"simulated.{key}: expected a value in ({lo}, {hi}], got {v}")
-    return v
-
-
-def validate_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Check the ``simulated:`` config section and fill in :data:`DEFAULTS`.
-
-    Parameters
-    ----------
-    params : mapping or None
-        The config section; every key is optional.
-
-    Returns
-    -------
-    dict
-        A complete, normalised copy: ``class_fractions`` has every class and
-        sums to 1, ``mag_r_range`` is a ``[lo, hi]`` list of floats, ``region``
-        has all four bounds.
-
-    Raises
-    ------
-    ConfigError
-        Naming the key (``simulated.<key>``) at fault and what was expected.
-    """
-    if params is None:
-        params = {}
-    if not isinstance(params, Mapping):
-        raise ConfigError(f"simulated: expected a mapping of settings, got {params!r}")
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"simulated: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}")
-    merged: dict[str, Any] = {**DEFAULTS, **params}
-    out: dict[str, Any] = {}
-
-    n = merged["n_galaxies"]
-    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 1 <= n <= 10_000_000:
-        raise ConfigError(f"simulated.n_galaxies: expected an integer in 1..10000000, got {n!r}")
-    out["n_galaxies"] = int(n)
-
-    fr = merged["class_fractions"]
-    if not isinstance(fr, Mapping):
-        raise ConfigError(f"simulated.class_fractions: expected a mapping class -> weight, got {fr!r}")
-    bad = sorted(set(fr) - set(SIMULATED_CLASSES), key=str)
-    if bad:
-        raise ConfigError(
-            f"simulated.class_fractions: unknown class(es) {bad}; expected some of {list(SIMULATED_CLASSES)}"
-        )
-    weights = []
-    for cls in SIMULATED_CLASSES:
-        w = fr.get(cls, 0.0)
-        if not _is_number(w) or not math.isfinite(float(w)) or float(w) < 0:
-            raise ConfigError(f"simulated.class_fractions.{cls}: expected a finite weight >= 0, got {w!r}")
-        weights.append(float(w))
-    total = sum(weights)
-    if total <= 0:
-        raise ConfigError("simulated.class_fractions: the weights sum to 0; expected a sum > 0")
-    out["class_fractions"] = {c: w / total for c, w in zip(SIMULATED_CLASSES, weights, strict=True)}
-
-    out["pixel_scale"] = _float(merged, "pixel_scale", 0.0, 10.0)
-    out["psf_fwhm"] = _float(merged, "psf_fwhm", 0.0, 10.0)
-
-    rng_ = merged["mag_r_range"]
-    if (
-        isinstance(rng_, str | bytes)
-        or not isinstance(rng_, Sequence)
-        or len(rng_) != 2
-        or not all(_is_number(v) and math.isfinite(float(v)) for v in rng_)
-        or not 5.0 <= float(rng_[0]) < float(rng_[1]) <= 30.0
-    ):
-        raise ConfigError(
-            f"simulated.mag_r_range: expected [min, max] magnitudes with 5 <= min < max <= 30, got {rng_!r}"
-        )
-    out["mag_r_range"] = [float(rng_[0]), float(rng_[1])]
-
-    region = merged["region"]
-    if not isinstance(region, Mapping):
-        raise ConfigError(f"simulated.region: expected a mapping with ra_min, ra_max, dec_min, dec_max, got {region!r}")
-    bad = sorted(set(region) - set(DEFAULTS["region"]), key=str)
-    if bad:
-        raise ConfigError(f"simulated.region: unknown key(s) {bad}; expected ra_min, ra_max, dec_min, dec_max")
-    reg = {**DEFAULTS["region"], **region}
-    for key, value in reg.items():
-        if not _is_number(value) or not math.isfinite(float(value)):
-            raise ConfigError(f"simulated.region.{key}: expected a number (deg), got {value!r}")
-    reg = {k: float(v) for k, v in reg.items()}
-    if not 0.0 <= reg["ra_min"] < reg["ra_max"] <= 360.0:
-        raise ConfigError(
-            f"simulated.region: expected 0 <= ra_min < ra_max <= 360 (deg), "
-            f"got ra_min={reg['ra_min']}, ra_max={reg['ra_max']}"
-        )
-    if not -90.0 <= reg["dec_min"] < reg["dec_max"] <= 90.0:
-        raise ConfigError(
-            f"simulated.region: expected -90 <= dec_min < dec_max <= 90 (deg), "
-            f"got dec_min={reg['dec_min']}, dec_max={reg['dec_max']}"
-        )
-    out["region"] = reg
-    return out
 
 
 def _check_seed(seed: object) -> int:
@@ -506,13 +396,17 @@ def _mag_offsets(colours: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- catalogue
-def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Sequence[str]) -> pd.DataFrame:
+def simulate_catalogue(
+    sim: SimulatedConfig | Mapping[str, Any], *, seed: int, bands: Sequence[str]
+) -> pd.DataFrame:
     """Draw the truth and the SDSS-like measured catalogue of a simulated survey.
 
     Parameters
     ----------
-    params : mapping or None
-        The ``simulated:`` config section (see :data:`DEFAULTS`; all optional).
+    sim : SimulatedConfig or mapping
+        The validated ``simulated:`` config section
+        (``galpipe.config.build_section("simulated", {...})``); a mapping
+        (some keys set) is completed and validated by the schema first.
     seed : int
         Non-negative random seed; the same seed gives an identical catalogue.
     bands : sequence of str
@@ -543,55 +437,101 @@ def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Se
     Raises
     ------
     ConfigError
-        Bad ``params`` (naming ``simulated.<key>``), ``seed`` or ``bands``.
+        ``bands`` are not SDSS bands, or a mapping ``sim`` is not a valid
+        section (the message names the key).
     """
-    p = validate_params(params)
-    seed = _check_seed(seed)
     bands = validate_bands(bands)
-    n = p["n_galaxies"]
-    rng = np.random.default_rng([seed, 0x5EED_CA7A])
+    sim = simulated_section(sim)
+    n = int(sim.n_galaxies)
+    rng = np.random.default_rng([int(seed), 0x5EED_CA7A])
+    # the draws below happen in a fixed order: the catalogue is a function of (sim, seed)
+    t = _draw_identity(rng, n, _normalised_fractions(sim.class_fractions), sim.region)
+    t.update(_draw_magnitude_and_seeing(rng, n, sim.mag_r_range, float(sim.psf_fwhm)))
+    t.update(_draw_sizes(rng, t))
+    t.update(_draw_shapes(rng, t))
+    t.update(_draw_structure(rng, t))
+    comp_flux = _component_fluxes(rng, t)
+    measured = _measure(rng, t, comp_flux, float(sim.pixel_scale))
+    return _catalogue_frame(t, comp_flux, measured, bands)
 
-    # ---- identity, labels, positions
-    counts = _class_counts(n, p["class_fractions"])
+
+def simulated_section(sim: SimulatedConfig | Mapping[str, Any] | None) -> SimulatedConfig:
+    """``sim`` as the typed section; a plain mapping goes through the schema
+    (:func:`galpipe.config.build_section`), which fills the defaults."""
+    if isinstance(sim, SimulatedConfig):
+        return sim
+    if sim is not None and not isinstance(sim, Mapping):
+        raise ConfigError(f"config key 'simulated': expected a mapping of settings, got {type(sim).__name__}")
+    from galpipe.config import build_section
+
+    section: SimulatedConfig = build_section("simulated", sim)
+    return section
+
+
+def _normalised_fractions(weights: Mapping[str, float]) -> dict[str, float]:
+    """Class weights (a missing class weighs 0) scaled to sum to 1, in :data:`SIMULATED_CLASSES` order."""
+    values = [float(weights.get(c, 0.0)) for c in SIMULATED_CLASSES]
+    total = sum(values)
+    return {c: w / total for c, w in zip(SIMULATED_CLASSES, values, strict=True)}
+
+
+def _draw_identity(
+    rng: np.random.Generator, n: int, fractions: Mapping[str, float], region: Region
+) -> dict[str, np.ndarray]:
+    """``objid``, ``label`` (and the class masks), ``ra``, ``dec``; arrays of shape ``(n,)``."""
+    counts = _class_counts(n, fractions)
     objid = _OBJID_BASE + np.cumsum(rng.integers(1, 2**20, size=n, dtype=np.int64))
     labels = np.repeat(np.array(SIMULATED_CLASSES, dtype=object), list(counts.values()))
     labels = labels[rng.permutation(n)]
-    is_ell = labels == "elliptical"
-    is_spi = labels == "spiral"
-    is_edge = labels == "edge_on"
-    reg = p["region"]
-    ra = rng.uniform(reg["ra_min"], reg["ra_max"], n)
-    sin_dec = rng.uniform(np.sin(np.radians(reg["dec_min"])), np.sin(np.radians(reg["dec_max"])), n)
-    dec = np.degrees(np.arcsin(sin_dec))
+    ra = rng.uniform(float(region.ra_min), float(region.ra_max), n)
+    sin_dec = rng.uniform(np.sin(np.radians(float(region.dec_min))), np.sin(np.radians(float(region.dec_max))), n)
+    return {
+        "objid": objid,
+        "labels": labels,
+        "is_ell": labels == "elliptical",
+        "is_spi": labels == "spiral",
+        "is_edge": labels == "edge_on",
+        "ra": ra,
+        "dec": np.degrees(np.arcsin(sin_dec)),
+    }
 
-    # ---- magnitudes: dN/dm ∝ 10**(a m) on [lo, hi] by inverse CDF
-    lo, hi = p["mag_r_range"]
+
+def _draw_magnitude_and_seeing(
+    rng: np.random.Generator, n: int, mag_range: Sequence[float], psf_fwhm: float
+) -> dict[str, np.ndarray]:
+    """``mag_r`` from ``dN/dm ∝ 10**(a m)`` on ``mag_range`` (inverse CDF) and the per-galaxy ``psf_fwhm``."""
+    lo, hi = float(mag_range[0]), float(mag_range[1])
     a = _COUNT_SLOPE * np.log(10.0)
     u = rng.uniform(0.0, 1.0, n)
     mag_r = np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
-    mag_r = np.clip(mag_r, lo, hi)
+    fwhm = psf_fwhm * np.clip(np.exp(rng.normal(0.0, _PSF_JITTER, n)), *_PSF_JITTER_CLIP)
+    return {"mag_r": np.clip(mag_r, lo, hi), "psf_fwhm": fwhm}
 
-    # ---- PSF
-    psf_fwhm = p["psf_fwhm"] * np.clip(
-        np.exp(rng.normal(0.0, _PSF_JITTER, n)), *_PSF_JITTER_CLIP
-    )
 
-    # ---- sizes (major-axis half-light radius of the main component)
+def _draw_sizes(rng: np.random.Generator, t: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Major-axis half-light radii (arcsec, shape ``(n,)``) of the main component and of each component."""
+    n = len(t["mag_r"])
+    is_ell, is_spi = t["is_ell"], t["is_spi"]
     size_noise = rng.normal(0.0, 1.0, n)
     hlr_main = np.empty(n)
-    for cls, mask in (("elliptical", is_ell), ("spiral", is_spi), ("edge_on", is_edge)):
+    for cls, mask in (("elliptical", is_ell), ("spiral", is_spi), ("edge_on", t["is_edge"])):
         r17, scatter = _SIZE[cls]
-        log_r = np.log10(r17) - _SIZE_SLOPE * (mag_r[mask] - _SIZE_PIVOT_MAG)
+        log_r = np.log10(r17) - _SIZE_SLOPE * (t["mag_r"][mask] - _SIZE_PIVOT_MAG)
         hlr_main[mask] = 10 ** (log_r + scatter * size_noise[mask])
     hlr_main = np.clip(hlr_main, *_HLR_CLIP)
     bulge_size_ratio = np.where(is_spi, rng.uniform(0.15, 0.35, n), rng.uniform(0.12, 0.30, n))
-    hlr_bulge = np.where(
-        is_ell, hlr_main * _ELL_CORE_SIZE, np.maximum(hlr_main * bulge_size_ratio, 0.25)
-    )
-    hlr_envelope = np.where(is_ell, hlr_main * _ELL_ENVELOPE_SIZE, 0.0)
-    hlr_disc = np.where(is_ell, 0.0, hlr_main)
+    return {
+        "hlr_main": hlr_main,
+        "hlr_bulge": np.where(is_ell, hlr_main * _ELL_CORE_SIZE, np.maximum(hlr_main * bulge_size_ratio, 0.25)),
+        "hlr_envelope": np.where(is_ell, hlr_main * _ELL_ENVELOPE_SIZE, 0.0),
+        "hlr_disc": np.where(is_ell, 0.0, hlr_main),
+    }
 
-    # ---- shapes
+
+def _draw_shapes(rng: np.random.Generator, t: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Axis ratios ``q``/``q_bulge``, ``pa_deg``, edge-on ``inclination_deg`` and ``disc_h_over_r``."""
+    n = len(t["mag_r"])
+    is_ell, is_spi, is_edge = t["is_ell"], t["is_spi"], t["is_edge"]
     q_ell = 0.6 + 0.4 * rng.beta(2.5, 1.5, n)
     q_spi = rng.uniform(0.4, 1.0, n)
     q_edge = rng.uniform(0.10, 0.25, n)
@@ -602,28 +542,54 @@ def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Se
     h_over_r = rng.uniform(0.06, 0.12, n)
     # second-moment axis ratio of an InclinedExponential: q^2 ~ (1.2 cos i)^2 + (0.65 h/r)^2
     cos_i = np.sqrt(np.clip(q**2 - (0.65 * h_over_r) ** 2, 0.0, None)) / 1.2
-    inclination = np.where(is_edge, np.degrees(np.arccos(np.clip(cos_i, 0.0, 1.0))), 0.0)
-    disc_h_over_r = np.where(is_edge, h_over_r, 0.0)
+    return {
+        "q": q,
+        "q_bulge": q_bulge,
+        "pa_deg": pa_deg,
+        "inclination_deg": np.where(is_edge, np.degrees(np.arccos(np.clip(cos_i, 0.0, 1.0))), 0.0),
+        "disc_h_over_r": np.where(is_edge, h_over_r, 0.0),
+    }
 
-    # ---- light fractions and arms
+
+def _draw_structure(rng: np.random.Generator, t: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Light fractions of bulge/envelope/disc/arms, spiral-arm geometry and Sersic indices, shape ``(n,)``."""
+    n = len(t["mag_r"])
+    is_ell, is_spi = t["is_ell"], t["is_spi"]
     bt_spi = 0.03 + 0.67 * rng.beta(1.4, 3.0, n)  # Sc..Sa: mean 0.24, up to 0.7
     bt_edge = rng.uniform(0.0, 0.25, n)
     envelope_frac = np.where(is_ell, rng.uniform(0.4, 0.6, n), 0.0)
     spheroid_frac = np.select([is_ell, is_spi], [np.ones(n), bt_spi], bt_edge)
-    bulge_frac = spheroid_frac - envelope_frac
     n_arms_draw = rng.choice(np.array([2, 3, 4]), size=n, p=[0.6, 0.25, 0.15])
     pitch = rng.uniform(12.0, 30.0, n)
     strength = rng.uniform(0.35, 0.75, n) * (1.0 - 0.5 * spheroid_frac)  # weaker in Sa
     phase = rng.uniform(0.0, 360.0, n)
     sign = np.where(rng.uniform(0.0, 1.0, n) < 0.5, -1, 1)
-    n_arms = np.where(is_spi, n_arms_draw, 0).astype(np.int64)
     arm_frac = np.where(is_spi, (1.0 - spheroid_frac) * strength, 0.0)
-    disc_frac = np.where(is_ell, 0.0, 1.0 - spheroid_frac - arm_frac)
     n_ell = rng.choice(np.asarray(_ELL_SERSIC[0]), size=n, p=_ELL_SERSIC[1])
     n_blg = rng.choice(np.asarray(_BULGE_SERSIC[0]), size=n, p=_BULGE_SERSIC[1])
-    n_bulge = np.where(is_ell, n_ell, n_blg)
+    return {
+        "envelope_frac": envelope_frac,
+        "spheroid_frac": spheroid_frac,
+        "bulge_frac": spheroid_frac - envelope_frac,
+        "arm_frac": arm_frac,
+        "disc_frac": np.where(is_ell, 0.0, 1.0 - spheroid_frac - arm_frac),
+        "n_arms": np.where(is_spi, n_arms_draw, 0).astype(np.int64),
+        "pitch": pitch,
+        "strength": strength,
+        "phase": phase,
+        "sign": sign,
+        "n_bulge": np.where(is_ell, n_ell, n_blg),
+    }
 
-    # ---- colours per component (all five bands drawn, whatever ``bands`` is)
+
+def _component_fluxes(rng: np.random.Generator, t: Mapping[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+    """Flux (nanomaggies, shape ``(n,)``) of every component in every SDSS band: ``{(component, band): flux}``.
+
+    All five bands' colours are drawn whatever bands are requested, so the
+    catalogue does not depend on the bands.
+    """
+    n = len(t["mag_r"])
+    is_ell, is_spi, is_edge = t["is_ell"], t["is_spi"], t["is_edge"]
     scatter = np.asarray(COLOUR_SCATTER)
     col = {
         kind: np.asarray(COMPONENT_COLOURS[kind]) + scatter * rng.normal(0.0, 1.0, (n, 4))
@@ -636,7 +602,7 @@ def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Se
     blue_ell = is_ell & (rng.uniform(0.0, 1.0, n) < _BLUE_ELLIPTICAL_FRACTION)
     shift = shift - np.where(blue_ell, rng.uniform(0.05, 0.3, n), 0.0)
     # bulge-dominated (early-type) spirals have older, redder discs
-    shift = shift + np.where(is_spi, 0.3 * (spheroid_frac - 0.24), 0.0)
+    shift = shift + np.where(is_spi, 0.3 * (t["spheroid_frac"] - 0.24), 0.0)
     shift_vec = shift[:, None] * np.asarray(_POPULATION_SHIFT)[None, :]
     # colour gradient of ellipticals: core redder than envelope
     half_grad = 0.5 * rng.uniform(*_ELL_GRADIENT, n)[:, None] * np.asarray(_GRADIENT_SHIFT)
@@ -649,36 +615,72 @@ def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Se
         "disc": _mag_offsets(disc_col),
         "arms": _mag_offsets(col["arms"] + shift_vec),
     }
-    flux_r = mag_to_nmgy(mag_r)
+    flux_r = mag_to_nmgy(t["mag_r"])
     comp_r = {
-        "bulge": flux_r * bulge_frac,
-        "envelope": flux_r * envelope_frac,
-        "disc": flux_r * disc_frac,
-        "arms": flux_r * arm_frac,
+        "bulge": flux_r * t["bulge_frac"],
+        "envelope": flux_r * t["envelope_frac"],
+        "disc": flux_r * t["disc_frac"],
+        "arms": flux_r * t["arm_frac"],
     }
-    comp_flux = {
-        (c, b): comp_r[c] * 10 ** (-0.4 * offsets[c][b]) for c in COMPONENTS for b in SDSS_BANDS
-    }
+    return {(c, b): comp_r[c] * 10 ** (-0.4 * offsets[c][b]) for c in COMPONENTS for b in SDSS_BANDS}
 
-    # ---- measured quantities: Petrosian photometry on the seeing-broadened profile
+
+def _measure(
+    rng: np.random.Generator,
+    t: Mapping[str, np.ndarray],
+    comp_flux: Mapping[tuple[str, str], np.ndarray],
+    pixel_scale: float,
+) -> dict[str, Any]:
+    """Noisy SDSS-like measurements (Petrosian photometry and sizes, fracDeV, axis ratios), shape ``(n,)`` each."""
+    n = len(t["mag_r"])
+    is_ell, is_spi = t["is_ell"], t["is_spi"]
+    spheroid_frac, q, q_bulge, psf_fwhm = t["spheroid_frac"], t["q"], t["q_bulge"], t["psf_fwhm"]
     # seeing-rounded axis ratio from second moments (Gaussian-equivalent sizes)
     # (an elliptical's core + envelope is treated as one Sersic of radius hlr_main)
-    hlr_sph = np.where(is_ell, hlr_main, hlr_bulge)
-    s_gal = (spheroid_frac * hlr_sph + (1.0 - spheroid_frac) * hlr_disc) / 1.1774
+    hlr_sph = np.where(is_ell, t["hlr_main"], t["hlr_bulge"])
+    s_gal = (spheroid_frac * hlr_sph + (1.0 - spheroid_frac) * t["hlr_disc"]) / 1.1774
     q_gal = spheroid_frac * q_bulge + (1.0 - spheroid_frac) * q
     s_psf = psf_fwhm / 2.3548
     q_obs = np.sqrt(((s_gal * q_gal) ** 2 + s_psf**2) / (s_gal**2 + s_psf**2))
     # (circular apertures on the elliptical profiles; arms lie ~28 % further out
     # than the smooth disc; the PSF enlarges and softens each component)
-    rb_eff, nb_eff = _seeing_broadened(_circular_radius(hlr_sph, q_bulge), n_bulge, psf_fwhm)
-    hd = np.where(is_ell, hlr_main, hlr_disc * (1.0 + 0.28 * np.where(is_spi, strength, 0.0)))
+    rb_eff, nb_eff = _seeing_broadened(_circular_radius(hlr_sph, q_bulge), t["n_bulge"], psf_fwhm)
+    hd = np.where(is_ell, t["hlr_main"], t["hlr_disc"] * (1.0 + 0.28 * np.where(is_spi, t["strength"], 0.0)))
     rd_eff, _ = _seeing_broadened(_circular_radius(hd, q), 1.0, psf_fwhm)
     petro = _petrosian(nb_eff, spheroid_frac, rb_eff, rd_eff)
-    area_pix = np.pi * (2.0 * petro["petroRad"] / p["pixel_scale"]) ** 2
+    out: dict[str, Any] = _petro_mags(rng, comp_flux, petro, pixel_scale)
+    snr_r = out.pop("snr_r")
+    size_noise = rng.normal(0.0, 1.0, (n, 3))
+    rel = 0.04 + 0.5 / snr_r
+    petro_r50 = petro["r50"] * np.exp(rel * size_noise[:, 0])
+    # circular apertures on an elongated profile: R90/R50 grows as q falls (GalSim fit)
+    r90 = petro["r90"] * (1.0 + 0.2 * (1.0 - q_obs) ** 2.2)
+    out["petroRad_r"] = petro["petroRad"] * np.exp(rel * size_noise[:, 2])
+    out["petroR50_r"] = petro_r50
+    out["petroR90_r"] = np.maximum(r90 * np.exp(rel * size_noise[:, 1]), 1.05 * petro_r50)
+    # fracDeV: de Vaucouleurs-like light (an n=2 bulge counts 1/3, n>=4 fully); the
+    # composite fits of SDSS also give discs some deV weight (0-0.35), plus noise
+    frac_sigma = 0.12 + 0.08 * (t["mag_r"] - 14.0) / 3.77
+    dev_like = spheroid_frac * np.clip((t["n_bulge"] - 1.0) / 3.0, 0.0, 1.0)
+    dev_like = dev_like + (1.0 - spheroid_frac) * rng.uniform(0.0, 0.35, n)
+    out["fracDeV_r"] = np.clip(dev_like + frac_sigma * rng.normal(0.0, 1.0, n), 0.0, 1.0)
+    ab_sigma = 0.03 + 0.3 / np.sqrt(snr_r)
+    out["deVAB_r"] = np.clip(q_obs + ab_sigma * rng.normal(0.0, 1.0, n), 0.05, 1.0)
+    out["expAB_r"] = np.clip(q_obs + ab_sigma * rng.normal(0.0, 1.0, n), 0.05, 1.0)
+    return out
+
+
+def _petro_mags(
+    rng: np.random.Generator,
+    comp_flux: Mapping[tuple[str, str], np.ndarray],
+    petro: Mapping[str, np.ndarray],
+    pixel_scale: float,
+) -> dict[str, np.ndarray]:
+    """Measured asinh ``petroMag_<b>``/``petroMagErr_<b>`` of every SDSS band, and ``snr_r`` (shape ``(n,)``)."""
+    n = len(petro["petroRad"])
+    area_pix = np.pi * (2.0 * petro["petroRad"] / pixel_scale) ** 2
     meas_noise = rng.normal(0.0, 1.0, (n, len(SDSS_BANDS)))
-    petro_mag: dict[str, np.ndarray] = {}
-    petro_err: dict[str, np.ndarray] = {}
-    snr_r = np.ones(n)
+    out: dict[str, np.ndarray] = {"snr_r": np.ones(n)}
     for k, b in enumerate(SDSS_BANDS):
         f_p = (
             (comp_flux["bulge", b] + comp_flux["envelope", b]) * petro["frac_bulge"]
@@ -686,75 +688,55 @@ def simulate_catalogue(params: Mapping[str, Any] | None, *, seed: int, bands: Se
         )
         var = (
             f_p * NMGY_PER_DN[b] / GAIN[b]
-            + area_pix * pixel_noise_sigma(b, p["pixel_scale"]) ** 2
+            + area_pix * pixel_noise_sigma(b, pixel_scale) ** 2
             + (_MAG_CALIB_ERR * f_p) ** 2
         )
         sigma = np.sqrt(var)
         f_meas = f_p + sigma * meas_noise[:, k]
-        petro_mag[b] = asinh_mag(f_meas, b)
-        petro_err[b] = asinh_mag_err(f_meas, sigma, b)
+        out[f"petroMag_{b}"] = asinh_mag(f_meas, b)
+        out[f"petroMagErr_{b}"] = asinh_mag_err(f_meas, sigma, b)
         if b == "r":
-            snr_r = f_p / sigma
-    size_noise = rng.normal(0.0, 1.0, (n, 3))
-    rel = 0.04 + 0.5 / snr_r
-    petro_r50 = petro["r50"] * np.exp(rel * size_noise[:, 0])
-    # circular apertures on an elongated profile: R90/R50 grows as q falls (GalSim fit)
-    r90 = petro["r90"] * (1.0 + 0.2 * (1.0 - q_obs) ** 2.2)
-    petro_r90 = np.maximum(r90 * np.exp(rel * size_noise[:, 1]), 1.05 * petro_r50)
-    petro_rad = petro["petroRad"] * np.exp(rel * size_noise[:, 2])
-    # fracDeV: de Vaucouleurs-like light (an n=2 bulge counts 1/3, n>=4 fully); the
-    # composite fits of SDSS also give discs some deV weight (0-0.35), plus noise
-    frac_sigma = 0.12 + 0.08 * (mag_r - 14.0) / 3.77
-    dev_like = spheroid_frac * np.clip((n_bulge - 1.0) / 3.0, 0.0, 1.0)
-    dev_like = dev_like + (1.0 - spheroid_frac) * rng.uniform(0.0, 0.35, n)
-    frac_dev = np.clip(dev_like + frac_sigma * rng.normal(0.0, 1.0, n), 0.0, 1.0)
-    ab_sigma = 0.03 + 0.3 / np.sqrt(snr_r)
-    dev_ab = np.clip(q_obs + ab_sigma * rng.normal(0.0, 1.0, n), 0.05, 1.0)
-    exp_ab = np.clip(q_obs + ab_sigma * rng.normal(0.0, 1.0, n), 0.05, 1.0)
+            out["snr_r"] = f_p / sigma
+    return out
 
+
+def _catalogue_frame(
+    t: Mapping[str, np.ndarray],
+    comp_flux: Mapping[tuple[str, str], np.ndarray],
+    measured: Mapping[str, np.ndarray],
+    bands: Sequence[str],
+) -> pd.DataFrame:
+    """Assemble the catalogue columns (see :func:`simulate_catalogue`), sorted by ``objid``."""
+    is_spi = t["is_spi"]
     cols: dict[str, Any] = {
-        "objid": objid.astype(np.int64),
-        "ra": ra,
-        "dec": dec,
-        "label": labels.astype(str),
-        "mag_r": mag_r,
-        "psf_fwhm": psf_fwhm,
-        "q": q,
-        "q_bulge": q_bulge,
-        "pa_deg": pa_deg,
-        "hlr_bulge": hlr_bulge,
-        "hlr_envelope": hlr_envelope,
-        "hlr_disc": hlr_disc,
-        "bulge_frac": bulge_frac,
-        "envelope_frac": envelope_frac,
-        "n_bulge": n_bulge,
-        "arm_frac": arm_frac,
-        "n_arms": n_arms,
-        "pitch_deg": np.where(is_spi, pitch, 0.0),
-        "arm_strength": np.where(is_spi, strength, 0.0),
-        "arm_phase_deg": np.where(is_spi, phase, 0.0),
-        "arm_sign": np.where(is_spi, sign, 0).astype(np.int64),
-        "disc_h_over_r": disc_h_over_r,
-        "inclination_deg": inclination,
+        "objid": t["objid"].astype(np.int64),
+        "ra": t["ra"],
+        "dec": t["dec"],
+        "label": t["labels"].astype(str),
+        **{k: t[k] for k in ("mag_r", "psf_fwhm", "q", "q_bulge", "pa_deg", "hlr_bulge", "hlr_envelope",
+                             "hlr_disc", "bulge_frac", "envelope_frac", "n_bulge", "arm_frac", "n_arms")},
+        "pitch_deg": np.where(is_spi, t["pitch"], 0.0),
+        "arm_strength": np.where(is_spi, t["strength"], 0.0),
+        "arm_phase_deg": np.where(is_spi, t["phase"], 0.0),
+        "arm_sign": np.where(is_spi, t["sign"], 0).astype(np.int64),
+        "disc_h_over_r": t["disc_h_over_r"],
+        "inclination_deg": t["inclination_deg"],
     }
     for b in bands:
         cols[f"flux_{b}"] = sum(comp_flux[c, b] for c in COMPONENTS)
         for c in COMPONENTS:
             cols[f"flux_{c}_{b}"] = comp_flux[c, b]
     for b in bands:
-        cols[f"petroMag_{b}"] = petro_mag[b]
-        cols[f"petroMagErr_{b}"] = petro_err[b]
-    cols["petroRad_r"] = petro_rad
-    cols["petroR50_r"] = petro_r50
-    cols["petroR90_r"] = petro_r90
-    cols["fracDeV_r"] = frac_dev
-    cols["deVAB_r"] = dev_ab
-    cols["expAB_r"] = exp_ab
+        cols[f"petroMag_{b}"] = measured[f"petroMag_{b}"]
+        cols[f"petroMagErr_{b}"] = measured[f"petroMagErr_{b}"]
+    for name in ("petroRad_r", "petroR50_r", "petroR90_r", "fracDeV_r", "deVAB_r", "expAB_r"):
+        cols[name] = measured[name]
     df = pd.DataFrame(cols)
     for name, values in cols.items():
         if name not in ("objid", "label", "n_arms", "arm_sign"):
             df[name] = np.asarray(values, dtype=np.float64)
     return df.sort_values("objid", kind="stable").reset_index(drop=True)
+
 
 
 # --------------------------------------------------------------------------- rendering
@@ -919,7 +901,7 @@ def render_galaxy(
     size : int
         Stamp side in pixels; the galaxy is at the stamp's centre
         (``((size - 1) / 2, (size - 1) / 2)`` in 0-based pixel coordinates,
-        the reference pixel of :func:`galpipe.io.tan_wcs`).
+        the reference pixel of :func:`galpipe.io.cutout_fits.tan_wcs`).
     seed : int
         Survey seed; with ``row['objid']`` it fixes every random number used
         (arm clumps, noise), independently of any other galaxy and of the
@@ -984,22 +966,19 @@ def render_galaxy(
 _REQUIRED = ("objid", "ra", "dec", "label")
 
 
-def _is_complete(path: Path, bands: Sequence[str], size: int, objid: int) -> bool:
-    """Whether ``path`` is a readable cutout of ``objid`` with ``bands`` and side ``size``."""
-    if not path.is_file():
-        return False
-    try:
-        with warnings.catch_warnings():  # astropy warns about the corrupt files we replace
-            warnings.simplefilter("ignore", AstropyWarning)
-            cut = read_cutout(path, bands=bands)
-    except DataError:
-        return False
-    return cut.data.shape == (len(bands), size, size) and cut.objid == objid
+def _check_shard(catalogue: pd.DataFrame) -> None:
+    """A shard must have the identity columns and unique ``objid`` (a DATA check)."""
+    missing = [c for c in _REQUIRED if c not in catalogue.columns]
+    if missing:
+        raise DataError(f"simulated catalogue: missing column(s) {missing}; expected {_REQUIRED}")
+    if catalogue["objid"].duplicated().any():
+        dup = catalogue.loc[catalogue["objid"].duplicated(), "objid"].iloc[0]
+        raise DataError(f"simulated catalogue: objid {dup} appears more than once")
 
 
 def make_cutouts(
     catalogue: pd.DataFrame,
-    out_dir: str | Path,
+    cache: CutoutCache,
     *,
     bands: Sequence[str],
     size: int,
@@ -1007,18 +986,18 @@ def make_cutouts(
     pixel_scale: float = PIXEL_SCALE,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Render every catalogue galaxy into ``out_dir/<objid>.fits`` (galpipe layout).
+    """Render every catalogue galaxy into the cutout cache (``cache.path(objid)``, galpipe layout).
 
-    Files that already exist and read back with the right bands and shape are
-    kept untouched (a rerun resumes); missing or corrupt ones are (re)written
-    atomically.
+    Cutouts already in the cache that are valid (:meth:`CutoutCache.load_valid`:
+    right objid, bands and shape) are kept untouched (a rerun resumes);
+    missing or corrupt ones are (re)written atomically by :meth:`CutoutCache.write`.
 
     Parameters
     ----------
     catalogue : pandas.DataFrame
         Rows of :func:`simulate_catalogue` (any subset, e.g. one shard).
-    out_dir : path-like
-        Output directory (created if needed).
+    cache : CutoutCache
+        Where the cutouts go.
     bands, size, seed, pixel_scale
         As in :func:`render_galaxy`.
     progress : bool
@@ -1027,25 +1006,17 @@ def make_cutouts(
     Returns
     -------
     pandas.DataFrame
-        Manifest in catalogue order: ``objid`` (int64), ``path`` (str),
-        ``status`` (``"ok"``), ``reason`` (``""``), ``n_filled`` (0).
+        Manifest in catalogue order (:data:`galpipe.sources.base.MANIFEST_COLUMNS`):
+        ``objid`` (int64), ``path`` (str), ``status`` (``"ok"``), ``reason``
+        (``""``), ``n_filled`` (0).
 
     Raises
     ------
     DataError
-        Missing catalogue columns or duplicate ``objid``.
+        Missing catalogue columns, duplicate ``objid`` or a row that cannot be rendered.
     """
     bands = validate_bands(bands)
-    size = _check_size(size)
-    seed = _check_seed(seed)
-    missing = [c for c in _REQUIRED if c not in catalogue.columns]
-    if missing:
-        raise DataError(f"simulated catalogue: missing column(s) {missing}; expected {_REQUIRED}")
-    if catalogue["objid"].duplicated().any():
-        dup = catalogue.loc[catalogue["objid"].duplicated(), "objid"].iloc[0]
-        raise DataError(f"simulated catalogue: objid {dup} appears more than once")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_shard(catalogue)
     records = catalogue.to_dict("records")
     iterator: Any = records
     if progress:
@@ -1055,14 +1026,12 @@ def make_cutouts(
     rows = []
     for rec in iterator:
         objid = int(rec["objid"])
-        path = out / cutout_filename(objid)
-        if not _is_complete(path, bands, size, objid):
+        if cache.load_valid(objid, size=size, bands=bands) is None:
             data = render_galaxy(rec, bands=bands, size=size, seed=seed, pixel_scale=pixel_scale)
-            write_cutout(
-                path,
+            cache.write(
+                objid,
                 data,
                 bands=bands,
-                objid=objid,
                 ra=float(rec["ra"]),
                 dec=float(rec["dec"]),
                 source="simulated",
@@ -1070,13 +1039,78 @@ def make_cutouts(
                 pixel_scale=pixel_scale,
                 extra={"SIMSEED": (seed, "seed of the simulated survey")},
             )
-        rows.append((objid, str(path), "ok", "", 0))
-    return pd.DataFrame(
-        {
-            "objid": np.array([r[0] for r in rows], dtype=np.int64),
-            "path": [r[1] for r in rows],
-            "status": ["ok"] * len(rows),
-            "reason": [""] * len(rows),
-            "n_filled": np.zeros(len(rows), dtype=np.int64),
+        rows.append((objid, str(cache.path(objid)), "ok", "", 0))
+    return manifest_frame(rows)
+
+
+# --------------------------------------------------------------------------- the source
+@register_source
+class SimulatedSource:
+    """Source ``simulated``: the GalSim survey of this module (offline).
+
+    Parameters
+    ----------
+    cfg : Config
+        The whole validated configuration; uses ``simulated``, ``seed``,
+        ``bands`` and ``cutout_size``.
+    """
+
+    name: ClassVar[str] = "simulated"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.section: SimulatedConfig = cfg.simulated
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """The configured SDSS bands (``cfg.bands``)."""
+        return tuple(self.cfg.bands)
+
+    @property
+    def catalogue_columns(self) -> tuple[str, ...]:
+        """Each galaxy is rendered from its catalogue row, class included."""
+        return _REQUIRED
+
+    @property
+    def crop_fraction(self) -> float:
+        """1.0: the survey renders its stamps, an external image is not cropped."""
+        return 1.0
+
+    def params(self) -> dict[str, Any]:
+        """``source``, ``seed``, the ``simulated`` section, ``bands`` and ``cutout_size`` (plain data)."""
+        return {
+            "source": self.name,
+            "seed": int(self.cfg.seed),
+            "simulated": self.section.to_dict(),
+            "bands": list(self.cfg.bands),
+            "cutout_size": int(self.cfg.cutout_size),
         }
-    )
+
+    def catalogue(self) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The simulated catalogue (:func:`simulate_catalogue`) and its provenance.
+
+        The provenance holds ``source``, ``params`` (the ``simulated`` section),
+        ``seed``, ``bands`` and ``galpipe_version``: no time stamp, so a rerun
+        writes an identical file.
+        """
+        df = simulate_catalogue(self.section, seed=self.cfg.seed, bands=self.cfg.bands)
+        prov = {"source": self.name, "params": self.section.to_dict(), "seed": int(self.cfg.seed),
+                "bands": list(self.cfg.bands), "galpipe_version": __version__}
+        return df, prov
+
+    def make_cutouts(self, shard: pd.DataFrame, cache: CutoutCache, *, progress: bool = False) -> pd.DataFrame:
+        """Render the galaxies of ``shard`` into ``cache`` (see :func:`make_cutouts`); return the manifest."""
+        return make_cutouts(shard, cache, bands=self.cfg.bands, size=int(self.cfg.cutout_size),
+                            seed=int(self.cfg.seed), pixel_scale=float(self.section.pixel_scale),
+                            progress=progress)
+
+    def input_files(self) -> list[Path]:
+        """None: the survey is made from the configuration alone."""
+        return []
+
+    @classmethod
+    def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
+        """An external FITS, JPEG or PNG image as cutout pixels (see :func:`.images.load_external_image`)."""
+        from galpipe.sources.images import load_external_image
+
+        return load_external_image(path, size=size, crop_fraction=crop_fraction)

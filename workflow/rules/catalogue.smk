@@ -1,9 +1,9 @@
 rule catalogue:
     output:
-        catalogue="results/catalogue/catalogue.parquet",
-        shards=expand("results/catalogue/shards/{shard}.parquet", shard=SHARDS),
+        catalogue=PATHS["catalogue"],
+        shards=expand(PATHS["shard"], shard=SHARDS),
     params:
-        cfg=stage_config(config, "catalogue"),
+        cfg=stage_params(CFG, "catalogue"),
     log:
         "logs/catalogue.log",
     benchmark:

@@ -1,10 +1,10 @@
 rule cutouts:
     input:
-        shard="results/catalogue/shards/{shard}.parquet",
+        shard=PATHS["shard"],
     output:
-        manifest="results/cutouts/{shard}.parquet",
+        manifest=PATHS["manifest"],
     params:
-        cfg=stage_config(config, "cutouts"),
+        cfg=stage_params(CFG, "cutouts"),
         cache_dir=CUTOUT_DIR,
     log:
         "logs/cutouts/{shard}.log",

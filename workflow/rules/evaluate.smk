@@ -1,21 +1,21 @@
 rule evaluate:
     input:
-        model="results/models/{experiment}/model.json",
-        weights="results/models/{experiment}/weights.npz",
-        history="results/models/{experiment}/history.csv",
-        test="results/split/test.parquet",
+        model=PATHS["model"],
+        weights=PATHS["weights"],
+        history=PATHS["history"],
+        test=PATHS["split"].format(split="test"),
     output:
-        metrics="results/evaluation/{experiment}/metrics.json",
-        predictions="results/evaluation/{experiment}/predictions.parquet",
+        metrics=PATHS["metrics"],
+        predictions=PATHS["predictions"],
         figures=report(
-            directory("results/evaluation/{experiment}/figures"),
+            directory(PATHS["figures"]),
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="{experiment}",
             labels={"experiment": "{experiment}", "artifact": "{name}"},
         ),
     params:
-        cfg=stage_config(config, "evaluate"),
+        cfg=stage_params(CFG, "evaluate"),
     log:
         "logs/evaluate/{experiment}.log",
     benchmark:
@@ -32,23 +32,23 @@ rule evaluate:
 
 rule leaderboard:
     input:
-        metrics=expand("results/evaluation/{experiment}/metrics.json", experiment=EXPERIMENTS),
-        info=expand("results/models/{experiment}/train_info.json", experiment=EXPERIMENTS),
+        metrics=expand(PATHS["metrics"], experiment=EXPERIMENTS),
+        info=expand(PATHS["train_info"], experiment=EXPERIMENTS),
     output:
         table=report(
-            "results/leaderboard.csv",
+            PATHS["leaderboard"],
             caption="../report/leaderboard.rst",
             category="Comparison",
             labels={"artifact": "leaderboard (CSV download)"},
         ),
         html=report(
-            "results/leaderboard.html",
+            PATHS["leaderboard_html"],
             caption="../report/leaderboard.rst",
             category="Comparison",
             labels={"artifact": "leaderboard"},
         ),
         figure=report(
-            "results/comparison.png",
+            PATHS["comparison"],
             caption="../report/comparison.rst",
             category="Comparison",
             labels={"artifact": "comparison chart"},

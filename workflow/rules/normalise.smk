@@ -1,12 +1,12 @@
 rule normalise:
     input:
-        manifest="results/cutouts/{shard}.parquet",
-        shard="results/catalogue/shards/{shard}.parquet",
+        manifest=PATHS["manifest"],
+        shard=PATHS["shard"],
     output:
-        normalised="results/normalised/{shard}.parquet",
-        rejects="results/normalised/{shard}.rejects.parquet",
+        normalised=PATHS["normalised"],
+        rejects=PATHS["rejects"],
     params:
-        cfg=stage_config(config, "normalise"),
+        cfg=stage_params(CFG, "normalise"),
     log:
         "logs/normalise/{shard}.log",
     benchmark:

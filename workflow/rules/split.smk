@@ -1,13 +1,13 @@
 rule split:
     input:
-        expand("results/normalised/{shard}.parquet", shard=SHARDS),
+        expand(PATHS["normalised"], shard=SHARDS),
     output:
-        train="results/split/train.parquet",
-        validation="results/split/validation.parquet",
-        test="results/split/test.parquet",
-        summary="results/split/summary.json",
+        train=PATHS["split"].format(split="train"),
+        validation=PATHS["split"].format(split="validation"),
+        test=PATHS["split"].format(split="test"),
+        summary=PATHS["split_summary"],
     params:
-        cfg=stage_config(config, "split"),
+        cfg=stage_params(CFG, "split"),
     log:
         "logs/split.log",
     benchmark:

@@ -1,19 +1,19 @@
 rule train:
     input:
-        train="results/split/train.parquet",
-        validation="results/split/validation.parquet",
+        train=PATHS["split"].format(split="train"),
+        validation=PATHS["split"].format(split="validation"),
     output:
-        model="results/models/{experiment}/model.json",
-        weights="results/models/{experiment}/weights.npz",
+        model=PATHS["model"],
+        weights=PATHS["weights"],
         history=report(
-            "results/models/{experiment}/history.csv",
+            PATHS["history"],
             caption="../report/history.rst",
             category="{experiment}",
             labels={"experiment": "{experiment}", "artifact": "training history (CSV download)"},
         ),
-        info="results/models/{experiment}/train_info.json",
+        info=PATHS["train_info"],
     params:
-        exp=lambda w: experiment_params(config, EXPERIMENTS[w.experiment]),
+        exp=lambda w: experiment_params(CFG, EXPERIMENTS[w.experiment]),
     log:
         "logs/train/{experiment}.log",
     benchmark:

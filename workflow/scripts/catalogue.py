@@ -1,5 +1,5 @@
-"""Snakemake adapter: rule catalogue -> galpipe.stages.catalogue_stage."""
+"""Snakemake adapter: rule catalogue -> galpipe.stages.catalogue.run."""
 from galpipe.smk import run_stage
-from galpipe.stages import catalogue_stage
+from galpipe.stages.catalogue import run
 
-run_stage(snakemake, catalogue_stage, snakemake.params.cfg, snakemake.output.catalogue, snakemake.output.shards)
+run_stage(snakemake, run, snakemake.params.cfg, snakemake.output.catalogue, snakemake.output.shards)

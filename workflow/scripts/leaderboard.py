@@ -1,7 +1,7 @@
-"""Snakemake adapter: rule leaderboard -> galpipe.experiment.leaderboard."""
-from galpipe.experiment import leaderboard
+"""Snakemake adapter: rule leaderboard -> galpipe.stages.leaderboard.run."""
 from galpipe.smk import run_stage
+from galpipe.stages.leaderboard import run
 
-run_stage(snakemake, leaderboard, snakemake.params.experiments, snakemake.input.metrics, snakemake.input.info,
+run_stage(snakemake, run, snakemake.params.experiments, snakemake.input.metrics, snakemake.input.info,
           snakemake.output.table, snakemake.output.figure,
           html_out=snakemake.output.html)

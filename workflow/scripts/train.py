@@ -1,6 +1,6 @@
-"""Snakemake adapter: rule train -> galpipe.experiment.train_experiment."""
-from galpipe.experiment import train_experiment
+"""Snakemake adapter: rule train -> galpipe.stages.train.run."""
 from galpipe.smk import run_stage
+from galpipe.stages.train import run
 
-run_stage(snakemake, train_experiment, snakemake.params.exp, snakemake.input.train, snakemake.input.validation,
+run_stage(snakemake, run, snakemake.params.exp, snakemake.input.train, snakemake.input.validation,
           snakemake.output.model, name=snakemake.wildcards.experiment)

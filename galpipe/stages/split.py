@@ -18,11 +18,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from galpipe.catalogue import read_metadata
 from galpipe.errors import DataError
-from galpipe.io import atomic_path
-
-SPLITS = ("train", "validation", "test")
+from galpipe.io.atomic import atomic_path
+from galpipe.io.parquet import read_metadata
+from galpipe.settings import Config
+from galpipe.stages import SPLITS
 
 
 def _stream_seed(seed: int, text: str) -> list[int]:
@@ -228,3 +228,26 @@ class _SplitWriters:
                 w.close()
             for ctx in self._ctx.values():
                 ctx.__exit__(exc_type, exc, tb)
+
+
+def params(cfg: Config) -> dict[str, Any]:
+    """What the split depends on: the split section and the seed."""
+    return {"split": cfg.split.to_dict(), "seed": cfg.seed}
+
+
+def run(params: Mapping[str, Any], inputs: Sequence[str | os.PathLike[str]],
+        outputs: Mapping[str, str | os.PathLike[str]], summary_out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Split the normalised shards; write the three Parquet files and a JSON summary.
+
+    ``params`` is ``stage_params(cfg, "split")``; ``outputs`` maps each split name to its file.
+    """
+    import json
+    import logging
+
+    from galpipe.io.atomic import atomic_write_text
+
+    summary = split_dataset(list(inputs), outputs, fractions=params["split"]["fractions"], seed=params["seed"],
+                            row_group_size=int(params["split"]["row_group_size"]))
+    atomic_write_text(summary_out, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    logging.getLogger("galpipe").info("split: %s", summary["counts"])
+    return summary

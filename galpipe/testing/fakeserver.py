@@ -43,7 +43,9 @@ Use it as a context manager in tests::
         params = srv.params()          # sdss: section pointing at the server
         cat, prov = query_catalogue(params, seed=0, bands=["g", "r"])
 
-or from the command line through :func:`main` (``galpipe fake-skyserver``).
+or from the command line through :func:`main` (``galpipe fake-skyserver`` or
+``python -m galpipe.testing.fakeserver``).  A test double: production modules
+never import it (see :mod:`galpipe.testing`).
 """
 
 from __future__ import annotations
@@ -211,15 +213,31 @@ def make_sky(
     if n_galaxies < 1:
         raise ConfigError(f"n_galaxies: expected >= 1, got {n_galaxies}")
     rng = np.random.default_rng(seed)
-    ny, nx = frame_shape
-    n_fields = math.ceil(n_galaxies / galaxies_per_field)
+    fields = _make_fields(math.ceil(n_galaxies / galaxies_per_field), frame_shape[1], ra0, dec0)
+    geoms = list(fields.values())
+    rows: list[dict[str, Any]] = []
+    obj_in_field: dict[tuple[int, int, int], int] = {}
+    for i in range(n_galaxies):
+        geom = geoms[i % len(geoms)]
+        key = (geom.run, geom.camcol, geom.field)
+        obj_in_field[key] = obj_in_field.get(key, 0) + 1
+        rows.append(_make_object(rng, geom, obj_in_field[key], frame_shape))
+    table = pd.DataFrame(rows).sort_values("objid", kind="stable").reset_index(drop=True)
+    table["objid"] = table["objid"].astype(np.int64)
+    table["specobjid"] = table["specobjid"].astype(np.uint64)
+    return table, fields
+
+
+def _make_fields(
+    n_fields: int, nx: int, ra0: float, dec0: float
+) -> dict[tuple[int, int, int], FieldGeometry]:
+    """``n_fields`` fields of run :data:`RUN`, camera columns 1-3 side by side, in insertion order."""
     width_deg = nx * PIXEL_SCALE / 3600.0
     fields: dict[tuple[int, int, int], FieldGeometry] = {}
-    geoms: list[FieldGeometry] = []
     for k in range(n_fields):
         camcol = 1 + k % 3
         fnum = 11 + k // 3
-        geom = FieldGeometry(
+        fields[(RUN, camcol, fnum)] = FieldGeometry(
             run=RUN,
             rerun=RERUN,
             camcol=camcol,
@@ -228,110 +246,136 @@ def make_sky(
             dec=dec0 + (camcol - 2) * 0.25,
             rotation_deg=CAMCOL_ROTATION_DEG[camcol],
         )
-        fields[(RUN, camcol, fnum)] = geom
-        geoms.append(geom)
-    rows: list[dict[str, Any]] = []
-    obj_in_field: dict[tuple[int, int, int], int] = {}
-    for i in range(n_galaxies):
-        geom = geoms[i % n_fields]
-        key = (geom.run, geom.camcol, geom.field)
-        obj = obj_in_field.get(key, 0) + 1
-        obj_in_field[key] = obj
-        x = float(rng.uniform(2.0, nx - 3.0))
-        y = float(rng.uniform(2.0, ny - 3.0))
-        ra, dec = (float(v) for v in geom.wcs("r", frame_shape).pixel_to_world_values(x, y))
-        u = float(rng.random())
-        spec_class = "GALAXY" if u < 0.85 else ("STAR" if u < 0.93 else "QSO")
-        morph = ("elliptical" if rng.random() < 0.4 else "spiral") if spec_class == "GALAXY" else ("point")
-        r_mag = float(rng.uniform(13.5, 17.7))
-        if morph == "point":
-            r50 = float(rng.uniform(0.7, 1.0))
-            r90 = 2.1 * r50
-        else:
-            r50 = float(rng.uniform(1.5, 5.0)) * (1.0 + 0.25 * (17.7 - r_mag) / 4.2)
-            r90 = r50 * (3.0 if morph == "elliptical" else 2.3)
-        gr = 0.8 if morph == "elliptical" else (0.5 if morph == "spiral" else 0.3)
-        g_mag = r_mag + gr + float(rng.normal(0, 0.05))
-        mags = {
-            "u": g_mag + 1.5 + float(rng.normal(0, 0.1)),
-            "g": g_mag,
-            "r": r_mag,
-            "i": r_mag - 0.35 + float(rng.normal(0, 0.03)),
-            "z": r_mag - 0.6 + float(rng.normal(0, 0.05)),
-        }
-        ab = float(rng.uniform(0.3, 1.0))
-        # Galaxy Zoo 1 vote fractions consistent with the morphology
-        if morph == "elliptical":
-            p_el = float(rng.uniform(0.55, 1.0))
-            p_cs = float(rng.uniform(0.0, 1.0 - p_el))
-        else:
-            p_cs = float(rng.uniform(0.55, 1.0))
-            p_el = float(rng.uniform(0.0, 1.0 - p_cs))
-        rest = max(0.0, 1.0 - p_el - p_cs)
-        p_edge = p_cs * float(rng.uniform(0.0, 0.4))
-        p_cw = (p_cs - p_edge) * 0.5
-        p_acw = p_cs - p_edge - p_cw
-        p_mg = rest * 0.3
-        p_dk = rest - p_mg
-        p_el_deb = float(np.clip(p_el - rng.uniform(0.0, 0.05), 0.0, 1.0))
-        p_cs_deb = float(np.clip(p_cs + rng.uniform(0.0, 0.05), 0.0, 1.0))
-        elliptical = int(p_el_deb >= 0.8)
-        spiral = int(p_cs_deb >= 0.8)
-        uncertain = int(not (elliptical or spiral))
-        if morph == "elliptical":
-            gz2class = ("Ei", "Er", "Ec")[int(rng.integers(3))]
-        else:
-            gz2class = ("Sc", "Sb", "SBb", "Sen", "Ser")[int(rng.integers(5))]
-        plate = int(rng.integers(266, 3000)) if spec_class != "QSO" else int(rng.integers(9000, 11000))
-        fiber = int(rng.integers(1, 1000))
-        mjd = int(rng.integers(51600, 58000))
-        specobjid = (plate << 50) | (fiber << 38) | ((mjd - 50000) << 24) | (26 << 10)
-        objid = objid_from(geom.run, geom.rerun, geom.camcol, geom.field, obj)
-        rows.append(
-            {
-                "objid": objid,
-                "ra": ra,
-                "dec": dec,
-                "run": geom.run,
-                "rerun": geom.rerun,
-                "camcol": geom.camcol,
-                "field": geom.field,
-                **{f"petroMag_{b}": mags[b] for b in BANDS},
-                "petroR50_r": r50,
-                "petroR90_r": r90,
-                "fracDeV_r": float(rng.uniform(0.8, 1.0) if morph == "elliptical" else rng.uniform(0, 0.4)),
-                "deVAB_r": ab,
-                "expAB_r": float(np.clip(ab + rng.normal(0, 0.03), 0.05, 1.0)),
-                "specobjid": specobjid,
-                "class": spec_class,
-                "z": float(rng.uniform(0.01, 0.2))
-                if spec_class == "GALAXY"
-                else (float(rng.uniform(0.5, 3.0)) if spec_class == "QSO" else 0.0),
-                "nvote": int(rng.integers(20, 60)),
-                "p_el": p_el,
-                "p_cw": p_cw,
-                "p_acw": p_acw,
-                "p_edge": p_edge,
-                "p_dk": p_dk,
-                "p_mg": p_mg,
-                "p_cs": p_cs,
-                "p_el_debiased": p_el_deb,
-                "p_cs_debiased": p_cs_deb,
-                "spiral": spiral,
-                "elliptical": elliptical,
-                "uncertain": uncertain,
-                "gz2class": gz2class,
-                "total_classifications": int(rng.integers(25, 60)),
-                "morph": morph,
-                "in_zoo": spec_class == "GALAXY",
-                "x_pix": x,
-                "y_pix": y,
-            }
-        )
-    table = pd.DataFrame(rows).sort_values("objid", kind="stable").reset_index(drop=True)
-    table["objid"] = table["objid"].astype(np.int64)
-    table["specobjid"] = table["specobjid"].astype(np.uint64)
-    return table, fields
+    return fields
+
+
+# The helpers below draw from one shared generator: the order of the draws is part of the
+# fake sky's definition (a given seed always gives the same table), so keep it when editing.
+def _make_object(
+    rng: np.random.Generator, geom: FieldGeometry, obj: int, frame_shape: tuple[int, int]
+) -> dict[str, Any]:
+    """One catalogue row: object number ``obj`` of field ``geom``."""
+    ny, nx = frame_shape
+    x = float(rng.uniform(2.0, nx - 3.0))
+    y = float(rng.uniform(2.0, ny - 3.0))
+    ra, dec = (float(v) for v in geom.wcs("r", frame_shape).pixel_to_world_values(x, y))
+    spec_class, morph = _draw_class(rng)
+    phot = _draw_photometry(rng, morph)
+    zoo = _draw_zoo_votes(rng, morph)
+    specobjid = _draw_specobjid(rng, spec_class)
+    frac_dev = float(rng.uniform(0.8, 1.0) if morph == "elliptical" else rng.uniform(0, 0.4))
+    exp_ab = float(np.clip(phot["deVAB_r"] + rng.normal(0, 0.03), 0.05, 1.0))
+    if spec_class == "GALAXY":
+        z = float(rng.uniform(0.01, 0.2))
+    else:
+        z = float(rng.uniform(0.5, 3.0)) if spec_class == "QSO" else 0.0
+    nvote = int(rng.integers(20, 60))
+    total_classifications = int(rng.integers(25, 60))
+    return {
+        "objid": objid_from(geom.run, geom.rerun, geom.camcol, geom.field, obj),
+        "ra": ra,
+        "dec": dec,
+        "run": geom.run,
+        "rerun": geom.rerun,
+        "camcol": geom.camcol,
+        "field": geom.field,
+        **{f"petroMag_{b}": phot["mags"][b] for b in BANDS},
+        "petroR50_r": phot["petroR50_r"],
+        "petroR90_r": phot["petroR90_r"],
+        "fracDeV_r": frac_dev,
+        "deVAB_r": phot["deVAB_r"],
+        "expAB_r": exp_ab,
+        "specobjid": specobjid,
+        "class": spec_class,
+        "z": z,
+        "nvote": nvote,
+        **zoo,
+        "total_classifications": total_classifications,
+        "morph": morph,
+        "in_zoo": spec_class == "GALAXY",
+        "x_pix": x,
+        "y_pix": y,
+    }
+
+
+def _draw_class(rng: np.random.Generator) -> tuple[str, str]:
+    """Spectroscopic class (85% GALAXY, 8% STAR, 7% QSO) and true morphology."""
+    u = float(rng.random())
+    spec_class = "GALAXY" if u < 0.85 else ("STAR" if u < 0.93 else "QSO")
+    morph = ("elliptical" if rng.random() < 0.4 else "spiral") if spec_class == "GALAXY" else "point"
+    return spec_class, morph
+
+
+def _draw_photometry(rng: np.random.Generator, morph: str) -> dict[str, Any]:
+    """Petrosian radii, ugriz magnitudes (``mags``) and the axis ratio ``deVAB_r``."""
+    r_mag = float(rng.uniform(13.5, 17.7))
+    if morph == "point":
+        r50 = float(rng.uniform(0.7, 1.0))
+        r90 = 2.1 * r50
+    else:
+        r50 = float(rng.uniform(1.5, 5.0)) * (1.0 + 0.25 * (17.7 - r_mag) / 4.2)
+        r90 = r50 * (3.0 if morph == "elliptical" else 2.3)
+    gr = 0.8 if morph == "elliptical" else (0.5 if morph == "spiral" else 0.3)
+    g_mag = r_mag + gr + float(rng.normal(0, 0.05))
+    mags = {
+        "u": g_mag + 1.5 + float(rng.normal(0, 0.1)),
+        "g": g_mag,
+        "r": r_mag,
+        "i": r_mag - 0.35 + float(rng.normal(0, 0.03)),
+        "z": r_mag - 0.6 + float(rng.normal(0, 0.05)),
+    }
+    ab = float(rng.uniform(0.3, 1.0))
+    return {"mags": mags, "petroR50_r": r50, "petroR90_r": r90, "deVAB_r": ab}
+
+
+def _draw_zoo_votes(rng: np.random.Generator, morph: str) -> dict[str, Any]:
+    """Galaxy Zoo 1 vote fractions, debiased flags and a GZ2 class consistent with ``morph``.
+
+    Keys in catalogue column order (``p_el`` ... ``gz2class``).
+    """
+    if morph == "elliptical":
+        p_el = float(rng.uniform(0.55, 1.0))
+        p_cs = float(rng.uniform(0.0, 1.0 - p_el))
+    else:
+        p_cs = float(rng.uniform(0.55, 1.0))
+        p_el = float(rng.uniform(0.0, 1.0 - p_cs))
+    rest = max(0.0, 1.0 - p_el - p_cs)
+    p_edge = p_cs * float(rng.uniform(0.0, 0.4))
+    p_cw = (p_cs - p_edge) * 0.5
+    p_acw = p_cs - p_edge - p_cw
+    p_mg = rest * 0.3
+    p_dk = rest - p_mg
+    p_el_deb = float(np.clip(p_el - rng.uniform(0.0, 0.05), 0.0, 1.0))
+    p_cs_deb = float(np.clip(p_cs + rng.uniform(0.0, 0.05), 0.0, 1.0))
+    elliptical = int(p_el_deb >= 0.8)
+    spiral = int(p_cs_deb >= 0.8)
+    if morph == "elliptical":
+        gz2class = ("Ei", "Er", "Ec")[int(rng.integers(3))]
+    else:
+        gz2class = ("Sc", "Sb", "SBb", "Sen", "Ser")[int(rng.integers(5))]
+    return {
+        "p_el": p_el,
+        "p_cw": p_cw,
+        "p_acw": p_acw,
+        "p_edge": p_edge,
+        "p_dk": p_dk,
+        "p_mg": p_mg,
+        "p_cs": p_cs,
+        "p_el_debiased": p_el_deb,
+        "p_cs_debiased": p_cs_deb,
+        "spiral": spiral,
+        "elliptical": elliptical,
+        "uncertain": int(not (elliptical or spiral)),
+        "gz2class": gz2class,
+    }
+
+
+def _draw_specobjid(rng: np.random.Generator, spec_class: str) -> int:
+    """A ``specobjid`` with the DR8+ bit layout (plate, fiber, MJD, run2d 26)."""
+    plate = int(rng.integers(266, 3000)) if spec_class != "QSO" else int(rng.integers(9000, 11000))
+    fiber = int(rng.integers(1, 1000))
+    mjd = int(rng.integers(51600, 58000))
+    return (plate << 50) | (fiber << 38) | ((mjd - 50000) << 24) | (26 << 10)
 
 
 # --------------------------------------------------------------------------- rendering
