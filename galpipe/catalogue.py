@@ -22,6 +22,68 @@ from galpipe.io.parquet import write_table
 
 REQUIRED_COLUMNS = ("objid", "ra", "dec", "label")
 PROVENANCE_KEY = b"galpipe.provenance"
+#: Valid coordinates in degrees: (low, high, high included, as written in messages).
+COORDINATE_RANGES = {"ra": (0.0, 360.0, False, "[0, 360)"), "dec": (-90.0, 90.0, True, "[-90, 90]")}
+
+
+def _refuse(df: pd.DataFrame, bad: np.ndarray, where: str, column: str, problem: str,
+            raw: pd.Series | None = None) -> None:
+    """Raise a DataError naming the first row flagged in ``bad`` (objid, row, column, value)."""
+    rows = np.flatnonzero(bad)
+    if not len(rows):
+        return
+    i = int(rows[0])
+    value = (raw if raw is not None else df[column]).iloc[i]
+    shown = repr(float(value)) if isinstance(value, (int, float, np.number)) else repr(value)
+    more = f" ({len(rows)} rows like this)" if len(rows) > 1 else ""
+    raise DataError(f"{where}: objid {df['objid'].iloc[i]} (row {i + 1}): column {column!r}: {shown} {problem}{more}")
+
+
+def check_coordinates(df: pd.DataFrame, *, where: str = "catalogue", required: bool = False) -> pd.DataFrame:
+    """Check a catalogue's ``ra`` and ``dec`` (degrees); return them as float64 columns.
+
+    ``ra`` must lie in [0, 360) and ``dec`` in [-90, 90].  A row may have no
+    coordinates at all (``ra`` and ``dec`` both NaN: the ``images`` source knows
+    none) unless ``required`` (a source that makes a cutout at the position);
+    one of the two without the other is refused.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``ra`` and ``dec`` as float64, with the index of ``df``.
+
+    Raises
+    ------
+    DataError
+        Naming ``where``, the first offending row (its ``objid`` and 1-based row
+        number in ``df``), the column and the value; text that is not a number,
+        a value out of range, a half-missing or (with ``required``) a missing position.
+    """
+    values: dict[str, np.ndarray] = {}
+    for column, (low, high, high_ok, text) in COORDINATE_RANGES.items():
+        raw = df[column]
+        kind = raw.dtype
+        if pd.api.types.is_bool_dtype(kind) or pd.api.types.is_complex_dtype(kind):
+            raise DataError(f"{where}: column {column!r} must hold numbers (degrees), got {kind}")
+        numeric = raw if pd.api.types.is_numeric_dtype(kind) else pd.to_numeric(raw, errors="coerce")
+        try:
+            num = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: column {column!r} must hold numbers (degrees): {exc}") from exc
+        _refuse(df, raw.notna().to_numpy() & np.isnan(num), where, column, "is not a number (degrees)")
+        with np.errstate(invalid="ignore"):
+            inside = (num >= low) & ((num <= high) if high_ok else (num < high))
+        _refuse(df, ~np.isnan(num) & ~inside, where, column, f"is outside {text} degrees", pd.Series(num))
+        values[column] = num
+    ra_nan, dec_nan = np.isnan(values["ra"]), np.isnan(values["dec"])
+    _refuse(df, ra_nan & ~dec_nan, where, "ra", "is missing while dec has a value (give both or neither)",
+            pd.Series(values["ra"]))
+    _refuse(df, dec_nan & ~ra_nan, where, "dec", "is missing while ra has a value (give both or neither)",
+            pd.Series(values["dec"]))
+    if required:
+        _refuse(df, ra_nan, where, "ra", "is missing: this source makes each cutout at the galaxy's position",
+                pd.Series(values["ra"]))
+    return pd.DataFrame(values, index=df.index)
 
 
 def check_catalogue(
@@ -33,7 +95,8 @@ def check_catalogue(
     ------
     DataError
         Missing columns, an empty table, non-integer or duplicate ids, missing labels,
-        labels that are not safe file names (see :func:`galpipe.io.atomic.safe_filename`).
+        labels that are not safe file names (see :func:`galpipe.io.atomic.safe_filename`),
+        coordinates that are not numbers or out of range (:func:`check_coordinates`).
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -48,7 +111,9 @@ def check_catalogue(
     if df["label"].isna().any():
         bad = df.loc[df["label"].isna(), "objid"].head(5).tolist()
         raise DataError(f"{where}: rows without a label (objid {bad})")
-    out = df.sort_values("objid", kind="stable").reset_index(drop=True)
+    coords = check_coordinates(df, where=where)
+    out = df.assign(ra=coords["ra"].to_numpy(), dec=coords["dec"].to_numpy())
+    out = out.sort_values("objid", kind="stable").reset_index(drop=True)
     out["objid"] = out["objid"].astype(np.int64)
     out["label"] = out["label"].astype(str)
     for label in out["label"].unique():  # class names become file names (figures): never used raw
@@ -60,9 +125,16 @@ def check_catalogue(
     return out
 
 
-def write_catalogue(df: pd.DataFrame, path: str | os.PathLike[str], provenance: Mapping[str, Any]) -> Path:
-    """Check and write a catalogue with its provenance (query, release, time, ...)."""
-    return write_table(check_catalogue(df), path, {"provenance": dict(provenance)})
+def write_catalogue(df: pd.DataFrame, path: str | os.PathLike[str], provenance: Mapping[str, Any], *,
+                    where: str | None = None) -> Path:
+    """Check and write a catalogue with its provenance (query, release, time, ...).
+
+    Errors name ``where``; by default the file the table was read from
+    (``provenance["input"]``, as ``galpipe predict`` records it), else ``path``.
+    """
+    if where is None:
+        where = f"catalogue {provenance.get('input') or path}"
+    return write_table(check_catalogue(df, where=where), path, {"provenance": dict(provenance)})
 
 
 def read_catalogue(path: str | os.PathLike[str], *, allow_empty: bool = False) -> pd.DataFrame:

@@ -3,6 +3,15 @@
 The Snakemake workflow calls the same functions (through ``workflow/scripts``);
 the CLI is for running a stage by hand, inspecting a config or a model, and
 scoring or applying a trained model.
+
+Errors: a failure the user can cause or fix (a :class:`~galpipe.errors.GalpipeError`
+naming the bad input, or an :class:`OSError` such as a full disk, a permission
+denied, a read-only file system or a missing folder) prints one line,
+``galpipe <command>: error: <cause> (<file>)``, to stderr and exits 1, with no
+traceback.  ``galpipe --debug <command>`` (or ``GALPIPE_DEBUG=1``) shows the
+traceback instead.  Any other exception is a bug in galpipe: it is not turned
+into a one-liner but propagates with its full traceback (exit 1), ending with a
+note that it is a bug to report.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from galpipe import __version__
@@ -175,6 +184,9 @@ def cmd_fake_skyserver(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="galpipe", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"galpipe {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of the one-line message "
+                        "(also: GALPIPE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help_: str, config: bool = True) -> argparse.ArgumentParser:
@@ -240,19 +252,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_command(command: str, func: Callable[[], int], debug: bool) -> int:
+    """Run ``func``; a user-caused failure becomes one line on stderr and exit 1 (see the module docstring)."""
+    from galpipe.smk import debug_requested, describe_os_error
+
+    debug = debug or debug_requested()
+    try:
+        return int(func())
+    except (GalpipeError, OSError) as exc:
+        if debug:
+            raise
+        msg = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"galpipe {command}: error: {msg}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: keep the traceback, say what it is
+        exc.add_note(f"galpipe {command}: internal error: this is a bug in galpipe, "
+                     "please report it with the traceback above")
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fake-skyserver"]:
-        return cmd_fake_skyserver(argv[1:])
+    n_debug = 0
+    while argv[n_debug:n_debug + 1] == ["--debug"]:
+        n_debug += 1
+    if argv[n_debug:n_debug + 1] == ["fake-skyserver"]:  # it parses its own options
+        rest = argv[n_debug + 1:]
+        return _run_command("fake-skyserver", lambda: cmd_fake_skyserver(rest), n_debug > 0)
     args = build_parser().parse_args(argv)
     from galpipe.smk import setup_logging
 
     setup_logging()
-    try:
-        return int(args.func(args))
-    except GalpipeError as exc:
-        print(f"galpipe {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return _run_command(args.command, lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

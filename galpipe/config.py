@@ -258,8 +258,53 @@ def _gz1_fraction_checks(fractions: Mapping[str, Any] | None) -> None:
                               "(min 0 and max 1); give at least one real cut")
 
 
+def _split_checks(class_counts: Mapping[str, int], fractions: Mapping[str, float], where: str,
+                  what: str = "galaxies") -> None:
+    """Refuse a single class, or a class that would leave a split without galaxies.
+
+    ``class_counts`` is the number of galaxies (groups) of each class the source will give
+    (a class listed with 0 is refused too: it was asked for and would be in no split);
+    the split stage deals each class's galaxies out by :func:`galpipe.stages.split.allocate`.
+    A shard may be empty; a split may not (train would have nothing to learn, or the
+    model nothing to be chosen or scored on).
+    """
+    from galpipe.stages import SPLITS
+    from galpipe.stages.split import allocate
+
+    present = {str(c): int(n) for c, n in class_counts.items()}
+    if len(present) < 2:
+        only = f"only class {next(iter(present))!r}" if present else "no class"
+        raise ConfigError(f"config key '{where}': {only} would have {what}; a classifier needs at least "
+                          "two classes (add galaxies of another class)")
+    fr = [float(fractions[s]) for s in SPLITS]
+    for cls, n in present.items():
+        for split, k in zip(SPLITS, allocate(n, fr), strict=True):
+            if k == 0:
+                raise ConfigError(
+                    f"config key '{where}': class {cls!r} would have {n} {what}, none of them in the "
+                    f"{split} split (split.fractions {dict(zip(SPLITS, fr, strict=True))}); every class needs "
+                    f"at least {len(SPLITS)} so that no split lacks it"
+                )
+
+
 def _sdss_source_checks(cfg: Mapping[str, Any]) -> None:
-    """``source: sdss``: the bands must be those of the cutout provider."""
+    """``source: sdss``: the bands must be those of the cutout provider; two classes or more, each
+    with enough objects (``selection.n_per_class``) for every split."""
+    labels = cfg["sdss"]["labels"]
+    if labels["classes"] is not None:
+        classes = list(labels["classes"])
+        key = "sdss.labels.classes"
+    elif labels["scheme"] == "gz1_fractions":
+        classes, key = list(labels["fractions"] or {}), "sdss.labels.fractions"
+    else:
+        from galpipe.sources.sdss import SCHEME_DEFAULT_CLASSES
+
+        classes, key = list(SCHEME_DEFAULT_CLASSES[labels["scheme"]]), "sdss.labels.scheme"
+    n = int(cfg["sdss"]["selection"]["n_per_class"])
+    if len(classes) < 2:
+        _split_checks(dict.fromkeys(classes, n), cfg["split"]["fractions"], key)
+    _split_checks(dict.fromkeys(classes, n), cfg["split"]["fractions"], "sdss.selection.n_per_class",
+                  what="objects")
     provider = cfg["sdss"]["cutouts"]["provider"]
     bands = list(cfg["bands"])
     if provider == "skyserver-jpeg" and bands != list(_JPEG_BANDS):
@@ -271,18 +316,59 @@ def _sdss_source_checks(cfg: Mapping[str, Any]) -> None:
 
 
 def _simulated_source_checks(cfg: Mapping[str, Any]) -> None:
-    """``source: simulated``: the survey renders SDSS bands only."""
+    """``source: simulated``: the survey renders SDSS bands only; the class counts that
+    ``n_galaxies`` and ``class_fractions`` give (as the catalogue draws them) fill every split."""
     bands = list(cfg["bands"])
     if not set(bands) <= set(_SDSS_BANDS):
         raise ConfigError(f"config key 'bands': the simulated source renders SDSS bands from {list(_SDSS_BANDS)} "
                           f"(got {bands})")
+    from galpipe.sources.simulated import _class_counts, _normalised_fractions
+
+    sim = cfg["simulated"]
+    weighted = [c for c, w in sim["class_fractions"].items() if w > 0]
+    if len(weighted) < 2:
+        raise ConfigError(f"config key 'simulated.class_fractions': only {weighted} has a weight > 0; a classifier "
+                          "needs at least two classes")
+    counts = _class_counts(int(sim["n_galaxies"]), _normalised_fractions(sim["class_fractions"]))
+    _split_checks({c: counts[c] for c in weighted}, cfg["split"]["fractions"], "simulated.n_galaxies")
 
 
 def _images_source_checks(cfg: Mapping[str, Any]) -> None:
-    """``source: images``: the folder and the labels CSV must be given."""
+    """``source: images``: the folder and the labels CSV must be given; when both exist, the
+    labels (read as the catalogue stage reads them) must give two classes or more, each filling
+    every split, and no two rows may share an image file or its content.
+
+    A labels CSV or folder that does not exist yet is left to the catalogue stage (Snakemake
+    reports the missing input).
+    """
     for key in ("directory", "labels_csv"):
         if not cfg["images"][key]:
             raise ConfigError(f"config key 'images.{key}': required when source is 'images'")
+    csv, directory = Path(cfg["images"]["labels_csv"]), Path(cfg["images"]["directory"])
+    if not (csv.is_file() and directory.is_dir()):
+        return
+    _images_data_checks(json.dumps(cfg["images"], sort_keys=True), _file_stamp(csv), _file_stamp(directory),
+                        json.dumps(cfg["split"]["fractions"], sort_keys=True))
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=8)
+def _images_data_checks(images_json: str, _csv_stamp: tuple[int, int], _dir_stamp: tuple[int, int],
+                        fractions_json: str) -> None:
+    """The data checks of :func:`_images_source_checks`, once per process for unchanged inputs."""
+    from galpipe.settings import ImagesConfig
+    from galpipe.sources.images import check_duplicate_content, read_labels
+
+    images = ImagesConfig.from_dict(json.loads(images_json), "images")
+    labels = read_labels(images)  # DataError naming the CSV, the row and the key
+    counts = labels["label"].value_counts().to_dict()
+    _split_checks(counts, json.loads(fractions_json), "images.labels_csv",
+                  what=f"labelled rows in {images.labels_csv}")
+    check_duplicate_content(labels, str(images.labels_csv))
 
 
 #: Checks that apply only when a given source is configured.
@@ -345,6 +431,19 @@ def preset_search_path(config_path: str | Path | None = None) -> list[Path | Tra
         dirs.append(Path(config_path).resolve().parent / "architectures")
     dirs.append(builtin_presets())
     return dirs
+
+
+def preset_file(name: str, preset_dirs: Iterable[str | Path | Traversable]) -> Path | None:
+    """The file of architecture preset ``name`` (the first dir that has it), or None.
+
+    The train rule lists it as an input of the experiments that use it, so
+    editing a preset reruns exactly those experiments.
+    """
+    for d in preset_dirs:
+        f = (Path(d) if isinstance(d, str) else d).joinpath(f"{name}.yaml")
+        if f.is_file():
+            return Path(str(f))
+    return None
 
 
 def load_preset(name: str, preset_dirs: Iterable[str | Path | Traversable]) -> dict[str, Any]:

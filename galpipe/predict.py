@@ -138,7 +138,7 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
     from galpipe.nn.inference import predict_proba
     from galpipe.nn.persist import load_model
 
-    model, meta = load_model(model_dir)
+    model, meta = load_model(model_dir, pipeline=True)  # a model folder is untrusted: checked in full
     if meta.get("inputs") == "features":
         raise ConfigError(f"model {model_dir} is a catalogue-feature baseline; predict needs an image model")
     src = Path(input_path)
@@ -210,7 +210,7 @@ def evaluate_external(params: Mapping[str, Any], model_dir: PathLike, images_dir
     from galpipe.nn.persist import load_model
     from galpipe.stages.evaluate import run as evaluate_experiment
 
-    _, meta = load_model(model_dir)
+    _, meta = load_model(model_dir, pipeline=True)
     classes = list(meta["classes"])
     labels = read_labels({"directory": str(images_dir), "labels_csv": str(labels_csv), "id_column": id_column,
                           "label_column": label_column, "path_column": path_column, "label_map": label_map or {}})

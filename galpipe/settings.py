@@ -262,7 +262,9 @@ class Config(Section):
     ``training`` (the defaults of every experiment) and ``experiments`` stay
     plain mappings here: an experiment overrides some training keys, so the
     per-experiment :class:`galpipe.nn.training.TrainConfig` is built by
-    :func:`galpipe.config.resolve_experiments`.
+    :func:`galpipe.config.resolve_experiments`.  ``limits`` (``max_parameters``,
+    ``max_activation_mb``, ``max_layers``: the caps :func:`galpipe.stages.train.check_architectures`
+    applies to every experiment) is a read-only mapping too.
     """
 
     source: str
@@ -279,6 +281,7 @@ class Config(Section):
     training: Mapping[str, Any]
     experiments: Mapping[str, Mapping[str, Any]]
     evaluate: EvaluateConfig
+    limits: Mapping[str, Any]
 
     def section(self, name: str) -> Any:
         """The section called ``name`` (e.g. the configured source's own section)."""

@@ -294,17 +294,20 @@ def test_architecture_that_does_not_fit_fails_before_training_naming_the_layer()
 
 # --------------------------------------------------------------------------- quarantine vs failure
 def _image_folder(root: Path) -> tuple[Path, dict[int, str]]:
-    """Ten labelled images: a corrupt JPEG (objid 3) and a NaN-only FITS (objid 8) among them."""
+    """Ten labelled JPEGs: a corrupt one (objid 3) and an empty one (objid 8) among them.
+
+    (A NaN-only FITS among JPEGs is refused as a mixed folder before any job; see test_refuse.py.)
+    """
     img = root / "images"
     img.mkdir(parents=True)
     rows, bad = [], {}
     for i in range(10):
-        name = f"g{i}.fits" if i == 8 else f"g{i}.jpg"
+        name = f"g{i}.jpg"
         if i == 3:
             (img / name).write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
             bad[i] = name
         elif i == 8:
-            fits.PrimaryHDU(np.full((20, 20), np.nan, np.float32)).writeto(img / name)
+            (img / name).write_bytes(b"")
             bad[i] = name
         else:
             _rgb(img / name, seed=i)
@@ -339,7 +342,7 @@ def test_bad_galaxies_are_quarantined_or_fail_the_stage(tmp_path: Path, monkeypa
     failed = manifest[manifest["status"] != "ok"].set_index("objid")
     assert sorted(failed.index) == [3, 8]
     assert "g3.jpg: corrupt or truncated image" in failed.loc[3, "reason"]
-    assert "g8.fits: every pixel is NaN or infinite" in failed.loc[8, "reason"]
+    assert "g8.jpg: file is empty (0 bytes)" in failed.loc[8, "reason"]
     # a cutout that went bad after the cutouts stage is quarantined by normalise
     good_path = manifest.set_index("objid").loc[5, "path"]
     Path(good_path).write_bytes(Path(good_path).read_bytes()[:3000])
@@ -348,7 +351,7 @@ def test_bad_galaxies_are_quarantined_or_fail_the_stage(tmp_path: Path, monkeypa
     assert stats["n"] == 7 and stats["n_rejected"] == 3
     rejects = pd.read_parquet("rejects.parquet").set_index("objid")
     assert rejects.loc[3, "stage"] == "cutouts" and "g3.jpg" in rejects.loc[3, "reason"]
-    assert rejects.loc[8, "stage"] == "cutouts" and "g8.fits" in rejects.loc[8, "reason"]
+    assert rejects.loc[8, "stage"] == "cutouts" and "g8.jpg" in rejects.loc[8, "reason"]
     assert rejects.loc[5, "stage"] == "normalise" and "5.fits" in rejects.loc[5, "reason"]
     assert sorted(pd.read_parquet("normalised.parquet")["objid"]) == [0, 1, 2, 4, 6, 7, 9]
     # the same shard under a stricter threshold fails, naming the first rejected galaxy

@@ -110,7 +110,7 @@ def test_real_gz1_labels(gz1_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- the Source class
 def test_images_source_implements_the_interface(tmp_path: Path) -> None:
-    params = _folder(tmp_path)
+    params = _folder(tmp_path, n=9)  # 3 images per class, one for each split (validation refuses fewer)
     cfg = load_settings({"source": "images", "images": params, "cutout_size": 16, "seed": 3})
     src = ImagesSource(cfg)
     assert isinstance(src, Source) and src.name == "images"
@@ -118,13 +118,16 @@ def test_images_source_implements_the_interface(tmp_path: Path) -> None:
     # params: no bands (the files decide), as today's stage_config
     assert src.params() == {"source": "images", "seed": 3, "images": cfg.images.to_dict(), "cutout_size": 16}
     df, prov = src.catalogue()
-    assert df["objid"].tolist() == [100, 101, 103, 104]
-    assert "created_utc" not in prov and prov["class_counts"] == {"x": 2, "y": 2}
-    # the labels CSV, then every image the catalogue references (not the dropped 'skip' rows)
-    files = src.input_files()
-    assert files[0] == Path(params["labels_csv"])
-    assert files[1:] == sorted(Path(p) for p in df["image_path"])
-    assert all(f.is_file() for f in files) and len(files) == 5
+    assert df["objid"].tolist() == [100, 101, 103, 104, 106, 107]
+    assert "created_utc" not in prov and prov["class_counts"] == {"x": 3, "y": 3}
+    # the catalogue reads the labels CSV; each shard's cutouts read its images (not the dropped 'skip'
+    # rows), dealt into shards exactly as the catalogue stage deals them
+    assert src.input_files() == [Path(params["labels_csv"])]
+    by_shard = src.shard_input_files(2)
+    from galpipe.catalogue import shard_catalogue
+
+    assert by_shard == [[Path(p) for p in part["image_path"]] for part in shard_catalogue(df, 2)]
+    assert sorted(p for part in by_shard for p in part) == sorted(Path(p) for p in df["image_path"])
     man = src.make_cutouts(df, CutoutCache(tmp_path / "cut"))
     assert (man["status"] == "ok").all()
     # load_external makes exactly the pixels make_cutouts wrote
@@ -138,6 +141,7 @@ def test_input_files_without_a_labels_csv(tmp_path: Path) -> None:
     cfg = load_settings({"source": "images", "images": {"directory": str(tmp_path),
                                                         "labels_csv": str(tmp_path / "missing.csv")}})
     assert ImagesSource(cfg).input_files() == [tmp_path / "missing.csv"]
+    assert ImagesSource(cfg).shard_input_files(3) == [[], [], []]
 
 
 def test_images_source_needs_folder_and_csv() -> None:

@@ -24,8 +24,11 @@ SPEC = [
     {"type": "dropout", "rate": 0.2},
     {"type": "dense", "units": 3},
 ]
-META = {"class_names": ["elliptical", "spiral", "merger"], "bands": ["g", "r", "i"],
-        "normalisation": {"kind": "asinh", "scale": [1.0, 2.0, 3.0]}}
+#: A pipeline model's metadata (what galpipe.stages.train writes): checked in full on load.
+META = {"inputs": "image", "classes": ["elliptical", "spiral", "merger"], "bands": ["g", "r", "i"],
+        "image_shape": [8, 8, 3], "features": None,
+        "normalisation": {"softening": 0.1, "reference_flux": 100.0, "clip": [-0.5, 1.5], "bad_pixel_value": 0.0},
+        "preprocess": {"source": "simulated", "crop_fraction": 1.0, "cutout_size": 8}}
 
 
 @pytest.fixture()

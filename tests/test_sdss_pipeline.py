@@ -31,15 +31,14 @@ def test_sdss_config_runs_end_to_end_against_stand_in(tmp_path: Path) -> None:
         override = json.dumps({"skyserver_url": srv.skyserver_url, "sas_url": srv.sas_url})
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path),
                "--cores", "2", "--configfile", str(REPO / "config" / "sdss.yaml"), "--config", f"sdss={override}"]
-        (tmp_path / "config").mkdir()
-        (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "sdss.yaml").read_text())
         res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                              env={**os.environ, "PYTHONHASHSEED": "0"})
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
         paths = [r["path"] for r in srv.log]
     assert any("x_results" in p or "x_sql" in p for p in paths)
     assert any(p.endswith(".fits.bz2") for p in paths)
-    r = tmp_path / "results"
+    r = tmp_path / "results" / "sdss"  # config/sdss.yaml writes to its own folder
+    assert not (tmp_path / "results" / "catalogue").exists()
     cat = pd.read_parquet(r / "catalogue" / "catalogue.parquet")
     assert {"run", "rerun", "camcol", "field", "petroR90_r", "fracDeV_r"} <= set(cat.columns)
     assert set(cat["label"]) == {"elliptical", "spiral"}

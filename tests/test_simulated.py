@@ -446,7 +446,7 @@ def test_a_live_writers_temp_file_survives_another_source_instance(tmp_path) -> 
 
     from galpipe.io.atomic import _HOST_TAG
 
-    cfg = load_settings({"simulated": {"n_galaxies": 6}, "cutout_size": 16})
+    cfg = load_settings({"simulated": {"n_galaxies": 9}, "cutout_size": 16})
     df, _ = SimulatedSource(cfg).catalogue()
     cache_dir = tmp_path / "cutouts"
     cache_dir.mkdir()

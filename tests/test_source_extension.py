@@ -75,6 +75,9 @@ class ToySource:
     def input_files(self) -> list[Path]:
         return []
 
+    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
+        return [[] for _ in range(n_shards)]
+
     @classmethod
     def load_external(cls, path: Any, *, size: int, crop_fraction: float) -> ExternalImage:
         data, bunit, bands = load_image(path, size=size, crop_fraction=crop_fraction)

@@ -168,3 +168,12 @@ def safe_filename(name: object, *, what: str = "name") -> str:
         )
     return text
 
+
+
+def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's content, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -7,7 +7,9 @@ sources, so that everything downstream is the same code):
   ``BANDS`` (comma-separated band names, e.g. ``"g,r,i"``), ``NBANDS``,
   ``BUNIT`` (``"nanomaggy"`` for calibrated fluxes, ``"DN"`` for 8-bit images),
   ``SOURCE`` (``simulated``/``images``/``sdss``), ``NFILLED`` (pixels filled
-  with NaN because the stamp ran off the frame), ``PIXSCALE`` (arcsec/pixel).
+  with NaN because the stamp ran off the frame), ``PIXSCALE`` (arcsec/pixel),
+  ``SRCHASH`` (SHA-256 of the file a cutout was made from, when it was made from
+  one: a cached cutout is reused only while its source file is unchanged).
 * one ``ImageHDU`` per band, in ``BANDS`` order, ``EXTNAME`` = band name,
   2-D data of shape ``(ny, nx)`` (float32 fluxes, or uint8 for ``DN``), a
   celestial TAN WCS centred on the galaxy, ``BUNIT`` and ``FILTER`` = band.
@@ -251,7 +253,7 @@ def _read_hdul(p: Path, hdul: fits.HDUList, bands: Sequence[str] | None) -> Cuto
         if data is None or data.shape != shape:
             raise DataError(f"cutout {p}: band {file_bands[k]} data is missing or truncated")
         out[k] = data
-    extra = {k: hdr[k] for k in ("SOURCE", "NFILLED", "PIXSCALE") if k in hdr}
+    extra = {k: hdr[k] for k in ("SOURCE", "NFILLED", "PIXSCALE", "SRCHASH") if k in hdr}
     return Cutout(
         data=out,
         bands=file_bands,

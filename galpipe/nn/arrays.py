@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from galpipe.errors import ModelError
+
+#: What reading a damaged or crafted ``.npz`` raises (truncated, bad CRC, unknown compression, ...).
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error,
+               NotImplementedError, MemoryError)
 
 
 def read_npz(source: str | os.PathLike[str] | bytes, *, where: str | None = None
@@ -37,8 +44,45 @@ def read_npz(source: str | os.PathLike[str] | bytes, *, where: str | None = None
         data = io.BytesIO(source) if isinstance(source, bytes) else source
         with np.load(data, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{name}: not a readable .npz of plain arrays ({exc})") from exc
+    except _UNREADABLE as exc:
+        raise ModelError(f"{name}: not a readable .npz of plain arrays ({type(exc).__name__}: {exc})") from exc
+
+
+def npz_headers(source: str | os.PathLike[str], *, where: str | None = None) -> dict[str, np.ndarray]:
+    """The names, shapes and dtypes of the arrays in an ``.npz``, read from the ``.npy`` headers only.
+
+    Nothing is decompressed beyond each header, so a file that declares a huge or
+    pickled array costs nothing; check the result with :func:`check_arrays` before
+    :func:`read_npz`.  Each value is a zero-strided stand-in (no memory) with the
+    declared shape and dtype.
+
+    Raises
+    ------
+    ModelError
+        Not a readable zip archive (truncated, damaged), a member that is not a
+        ``.npy`` file, or a duplicate name, naming the file (``where``, default the path).
+    """
+    name = where if where is not None else str(source)
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(source) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ModelError(f"{name}: member {info.filename!r} is not a .npy array")
+                key = info.filename[: -len(".npy")]
+                if key in out:
+                    raise ModelError(f"{name}: array {key!r} is stored twice")
+                with zf.open(info) as fh:
+                    version = npy_format.read_magic(fh)
+                    read = (npy_format.read_array_header_1_0 if version == (1, 0)
+                            else npy_format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
+                out[key] = np.broadcast_to(np.zeros((), dtype), shape)
+    except ModelError:
+        raise
+    except _UNREADABLE as exc:
+        raise ModelError(f"{name}: not a readable .npz archive ({type(exc).__name__}: {exc})") from exc
+    return out
 
 
 def check_arrays(saved: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], *,

@@ -191,6 +191,33 @@ class Layer:
         """Number of trainable scalars."""
         return int(sum(p.size for p in self.params.values()))
 
+    def estimate(self, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """``(parameter count, per-sample output shape)`` for per-sample ``input_shape``, allocating nothing.
+
+        Used to refuse a network too large to build (:func:`galpipe.nn.model.estimate_model`).
+        A layer type with an estimator registered with :func:`register_estimate` uses it (the
+        built-in ``dense``, ``conv2d`` and ``batchnorm`` do); a layer whose ``_build`` is the
+        base one has no parameters and keeps the shape; any other layer is built on a fresh
+        copy, which allocates its parameters: a layer type with parameters should register
+        an estimator.
+
+        Raises
+        ------
+        ModelError
+            The input shape does not suit the layer (the message of ``build``).
+        """
+        shape = tuple(int(d) for d in input_shape)
+        for cls in type(self).__mro__:
+            fn = ESTIMATORS.get(cls)
+            if fn is not None:
+                n, out = fn(self, shape)
+                return int(n), tuple(int(d) for d in out)
+        if type(self)._build is Layer._build:
+            return 0, shape
+        probe = layer_from_spec(self.get_config(), where=self.type_name)
+        out = probe.build(shape)
+        return probe.n_params(), out
+
     # -- fast path ---------------------------------------------------------------------
     @property
     def fusion_tag(self) -> str | None:
@@ -244,6 +271,21 @@ class Layer:
 
 #: Registry: layer type name (as written in YAML) -> class.
 LAYERS: dict[str, type[Layer]] = {}
+
+#: Size estimators: layer class -> ``fn(layer, input_shape) -> (n_params, output_shape)``,
+#: computed from shapes alone (see :meth:`Layer.estimate`); subclasses inherit them.
+Estimator = Callable[[Any, tuple[int, ...]], tuple[int, tuple[int, ...]]]
+ESTIMATORS: dict[type, Estimator] = {}
+
+
+def register_estimate(cls: type[Layer]) -> Callable[[Estimator], Estimator]:
+    """Decorator registering the no-allocation size estimator of layer class ``cls``."""
+
+    def deco(fn: Estimator) -> Estimator:
+        ESTIMATORS[cls] = fn
+        return fn
+
+    return deco
 
 
 def register(name: str) -> Callable[[type[Layer]], type[Layer]]:

@@ -18,7 +18,9 @@ for containers (``"3.residual.body.0.conv2d.W"``, ``"3.residual.proj.0.conv2d.b"
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,25 +28,64 @@ import numpy as np
 # Importing the layer modules registers every built-in layer type.
 import galpipe.nn.layers  # noqa: F401
 from galpipe.errors import ModelError
-from galpipe.nn.base import Layer, LayerProtocol, Step, layer_from_spec, register
+from galpipe.nn.base import Layer, LayerProtocol, Step, layer_from_spec, register, register_estimate
+from galpipe.nn.conv import Conv2D, conv_output_size, resolve_padding
+from galpipe.nn.dense import Dense
 from galpipe.nn.fast.threads import compute_region
-
+from galpipe.nn.norm import BatchNorm
 
 # --------------------------------------------------------------------------- spec expansion
-def expand_spec(spec: Sequence[Any], *, where: str = "model") -> list[dict[str, Any] | str]:
+#: Most layers :func:`expand_spec` produces unless told otherwise (a pipeline passes
+#: ``limits.max_layers``); checked before expanding, so a huge ``repeat`` fails at once.
+LAYER_CAP = 100_000
+
+
+def count_layers(spec: Any) -> int:
+    """Number of layers ``spec`` has once expanded (nested ``sequential``/``residual`` lists
+    included), computed without expanding anything; malformed entries count as one layer
+    (:func:`expand_spec` reports them)."""
+    if isinstance(spec, str | bytes | dict) or not isinstance(spec, Sequence):
+        return 1
+    total = 0
+    for entry in spec:
+        if not isinstance(entry, dict):
+            total += 1
+            continue
+        n = entry.get("repeat", 1)
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+        if "repeat" in entry and "layers" in entry:
+            one = count_layers(entry["layers"])
+        else:
+            one = 1 + sum(count_layers(entry[k]) for k in ("layers", "body", "projection")
+                          if isinstance(entry.get(k), list))
+        total += n * one
+    return total
+
+
+def expand_spec(spec: Sequence[Any], *, where: str = "model",
+                max_layers: int | None = None) -> list[dict[str, Any] | str]:
     """Expand ``repeat`` entries of an architecture spec.
 
     ``{"repeat": n, "layers": [...]}`` becomes ``n`` copies of the (recursively
     expanded) layer list; a single layer spec with ``"repeat": n`` becomes ``n``
     copies of that layer.  Other entries are returned unchanged (deep-copied).
 
+    ``max_layers`` (default :data:`LAYER_CAP`) caps :func:`count_layers`, checked before
+    anything is expanded.
+
     Raises
     ------
     ModelError
-        A malformed entry or a ``repeat`` that is not a positive integer.
+        A malformed entry, a ``repeat`` that is not a positive integer, or more layers
+        than ``max_layers``.
     """
     if isinstance(spec, str | bytes | dict) or not isinstance(spec, Sequence):
         raise ModelError(f"{where}: an architecture must be a list of layer specs, got {spec!r}")
+    cap = LAYER_CAP if max_layers is None else int(max_layers)
+    n_layers = count_layers(spec)
+    if n_layers > cap:
+        raise ModelError(f"{where}: the architecture expands to {n_layers} layers (repeat entries included), "
+                         f"more than the cap of {cap} (limits.max_layers)")
     out: list[dict[str, Any] | str] = []
     for i, entry in enumerate(spec):
         here = f"{where} entry {i}"
@@ -255,6 +296,11 @@ class Sequential(_Container):
         self._plan = self._make_plan()
         return shape
 
+    def estimate(self, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """``(parameter count, output shape)`` of the stack, allocating nothing (:func:`estimate_model`)."""
+        n, out, _ = _estimate(self, tuple(input_shape))
+        return n, out
+
     def _make_plan(self) -> list[tuple[Step, tuple[int, ...]]]:
         """Execution steps ``(step, layer indices)``.
 
@@ -440,6 +486,11 @@ class Residual(_Container):
         self.built = True
         return out
 
+    def estimate(self, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """``(parameter count, output shape)`` of body and shortcut, allocating nothing."""
+        n, out, _ = _estimate(self, tuple(input_shape))
+        return n, out
+
     @staticmethod
     def _auto_projection(shape: tuple[int, ...], out: tuple[int, ...]) -> dict[str, Any]:
         if len(shape) == 3 and len(out) == 3:
@@ -482,12 +533,126 @@ class Residual(_Container):
             self.proj.set_rng(np.random.default_rng(rng.integers(0, 2**63 - 1)))
 
 
+# --------------------------------------------------------------------------- size estimates
+def _estimate(layer: Layer, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], int]:
+    """``(parameters, output shape, activation elements per sample)`` of ``layer``; no allocation.
+
+    The activation elements are the outputs every layer keeps for the backward pass (nested
+    layers of containers included).
+    """
+    if isinstance(layer, Sequential):
+        shape = _check_shape(shape, "input_shape")
+        n_params = acts = 0
+        for i, child in enumerate(layer.layers):
+            try:
+                p, out, a = _estimate(child, shape)
+            except ModelError as exc:
+                raise ModelError(
+                    f"layer {i} ({child.type_name}): got input of per-sample shape {shape}: {exc}"
+                ) from exc
+            n_params, acts, shape = n_params + p, acts + a, out
+        return n_params, shape, acts
+    if isinstance(layer, Residual):
+        shape = _check_shape(shape, "residual input_shape")
+        try:
+            p, out, a = _estimate(layer.body, shape)
+        except ModelError as exc:
+            raise ModelError(f"body: {exc}") from exc
+        proj = layer.proj
+        if layer.projection_spec == "auto":
+            proj = None if out == shape else Sequential([layer._auto_projection(shape, out)])
+        if proj is not None:
+            try:
+                pp, pout, pa = _estimate(proj, shape)
+            except ModelError as exc:
+                raise ModelError(f"projection: {exc}") from exc
+            if pout != out:
+                raise ModelError(f"projection output shape {pout} does not match the body output {out}")
+            p, a = p + pp, a + pa
+        elif out != shape:
+            raise ModelError(f"body output shape {out} differs from its input {shape}; use a projection "
+                             "(projection: auto or a list of layer specs)")
+        return p, out, a + math.prod(out)
+    p, out = layer.estimate(shape)
+    return p, out, math.prod(out)
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """One top-level layer of :func:`estimate_model`: index, type, parameters, output shape,
+    activation elements per sample (nested layers included)."""
+
+    index: int
+    type_name: str
+    n_params: int
+    output_shape: tuple[int, ...]
+    activations: int
+
+
+def estimate_model(spec: Sequence[Any], input_shape: tuple[int, ...], *,
+                   max_layers: int | None = None) -> list[LayerEstimate]:
+    """Per top-level layer sizes of the model :func:`build_model` would build, allocating nothing.
+
+    Shape inference from the specs only (:meth:`Layer.estimate
+    <galpipe.nn.base.Layer.estimate>`): instant even for ``{type: dense, units: 1000000000}``,
+    so a caller can refuse a network before building it.  ``repeat`` entries are capped
+    by ``max_layers`` before expanding (:func:`expand_spec`).
+
+    Raises
+    ------
+    ModelError
+        Unknown layer type or argument, bad ``repeat``, too many layers, or a shape error
+        naming the layer (as :func:`build_model`).
+    """
+    layers = Sequential(expand_spec(spec, max_layers=max_layers)).layers
+    shape = _check_shape(tuple(input_shape), "input_shape")
+    out: list[LayerEstimate] = []
+    for i, layer in enumerate(layers):
+        try:
+            p, shape_out, a = _estimate(layer, shape)
+        except ModelError as exc:
+            raise ModelError(f"layer {i} ({layer.type_name}): got input of per-sample shape {shape}: {exc}") from exc
+        out.append(LayerEstimate(i, layer.type_name, int(p), shape_out, int(a)))
+        shape = shape_out
+    return out
+
+
+@register_estimate(Dense)
+def _dense_estimate(layer: Dense, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    if len(shape) != 1:
+        raise ModelError(f"dense expects flat per-sample input of shape (F,), got {shape} "
+                         "(insert a 'flatten' or 'global_avg_pool' layer before it)")
+    return shape[0] * layer.units + (layer.units if layer.use_bias else 0), (layer.units,)
+
+
+@register_estimate(Conv2D)
+def _conv2d_estimate(layer: Conv2D, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    if len(shape) != 3:
+        raise ModelError(f"conv2d expects per-sample input of shape (H, W, C), got {shape}")
+    h, w, c = shape
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+    (pt, pb), (pl, pr) = resolve_padding(layer.padding, (h, w), (kh, kw), (sh, sw))
+    ho, wo = conv_output_size(h, kh, sh, pt, pb), conv_output_size(w, kw, sw, pl, pr)
+    if ho < 1 or wo < 1:
+        raise ModelError(f"conv2d: kernel {kh}x{kw} with stride {sh}x{sw} and padding {layer.padding!r} "
+                         f"does not fit input {h}x{w} (output would be {ho}x{wo})")
+    return kh * kw * c * layer.filters + (layer.filters if layer.use_bias else 0), (ho, wo, layer.filters)
+
+
+@register_estimate(BatchNorm)
+def _batchnorm_estimate(layer: BatchNorm, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    if len(shape) not in (1, 3):
+        raise ModelError(f"batchnorm expects per-sample input (H, W, C) or (F,), got {shape}")
+    return 2 * shape[-1], shape
+
+
 # --------------------------------------------------------------------------- build_model
 def build_model(
     spec: Sequence[Any],
     input_shape: tuple[int, ...],
     seed: int = 0,
     dtype: np.dtype | type = np.float32,
+    max_layers: int | None = None,
 ) -> Sequential:
     """Instantiate and build a model from an architecture spec.
 
@@ -502,6 +667,8 @@ def build_model(
         two builds with the same spec and seed have identical weights.
     dtype : numpy dtype
         Parameter/activation dtype (float32; float64 for gradient checks).
+    max_layers : int, optional
+        Cap on the expanded layer count (:func:`expand_spec`; default :data:`LAYER_CAP`).
 
     Returns
     -------
@@ -515,7 +682,7 @@ def build_model(
         shape error naming the layer, e.g. ``"layer 5 (dense): got input of
         per-sample shape (8, 8, 64): dense expects flat per-sample input ..."``.
     """
-    expanded = expand_spec(spec)
+    expanded = expand_spec(spec, max_layers=max_layers)
     model = Sequential(expanded)
     model.build(tuple(input_shape), np.random.default_rng(seed), dtype)
     return model

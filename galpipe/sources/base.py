@@ -14,8 +14,9 @@ the Snakefile:
 ``make_cutouts(shard, c)``  one cutout FITS per galaxy of a shard, through the shared
                             :class:`CutoutCache` ``c``; returns the manifest
 ``catalogue_columns``       the catalogue columns ``make_cutouts`` reads
-``input_files()``           the local files it reads (labels CSV, images), so that a
-                            changed file can be noticed
+``input_files()``           the local files the catalogue reads (a labels CSV)
+``shard_input_files(n)``    per shard, the local files its cutouts are made from (images):
+                            the pipeline hashes them, so a changed file reruns its shard
 ``load_external(path, ..)`` one external image -> cutout pixels, exactly as
                             ``make_cutouts`` would make them (``galpipe predict``)
 ``crop_fraction``           the centre crop ``load_external`` applies to an image made
@@ -111,7 +112,11 @@ class Source(Protocol):
         ...
 
     def input_files(self) -> list[Path]:
-        """The local files :meth:`catalogue` and :meth:`make_cutouts` read (empty for none)."""
+        """The local files :meth:`catalogue` reads (empty for none)."""
+        ...
+
+    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
+        """Per shard (as the catalogue stage deals them), the local files :meth:`make_cutouts` reads."""
         ...
 
     @classmethod

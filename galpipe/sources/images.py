@@ -28,7 +28,7 @@ from astropy.io.fits.verify import VerifyError
 from PIL import Image, UnidentifiedImageError
 
 from galpipe.errors import ConfigError, DataError
-from galpipe.io.atomic import safe_filename
+from galpipe.io.atomic import file_sha256, safe_filename
 from galpipe.io.cutout_fits import read_cutout
 from galpipe.settings import Config, ImagesConfig
 from galpipe.sources import register_source
@@ -83,7 +83,8 @@ def read_labels(images: ImagesConfig | Mapping[str, Any]) -> pd.DataFrame:
     ------
     DataError
         Missing file or columns, non-integer or duplicate ids, a raw label not in
-        a non-empty ``label_map``, an image path escaping the folder.
+        a non-empty ``label_map``, an image path escaping the folder, two labelled
+        rows naming the same file, FITS and JPEG/PNG images mixed.
     """
     params = images_section(images)
     csv = Path(str(params.labels_csv))
@@ -107,10 +108,97 @@ def read_labels(images: ImagesConfig | Mapping[str, Any]) -> pd.DataFrame:
     label = _map_labels(raw, params.label_map, csv)
     resolved = _resolve_paths(df[cols["path_column"]].str.strip(), directory.resolve(), csv)
     out = pd.DataFrame({"objid": objid, "label": label, "raw_label": raw, "image_path": resolved})
+    out["_row"] = np.arange(len(out)) + 2
     out = out[out["label"].notna()].sort_values("objid", kind="stable").reset_index(drop=True)
     if len(out) == 0:
         raise DataError(f"labels CSV {csv}: no labelled rows left after applying images.label_map")
-    return out
+    _check_unique_paths(out, csv)
+    _check_one_kind(out, csv)
+    return out.drop(columns="_row")
+
+
+def _check_unique_paths(labels: pd.DataFrame, csv: Path) -> None:
+    """Two labelled rows naming the same file (after resolving) would put one image in two splits."""
+    dup = labels["image_path"].duplicated(keep=False)
+    if dup.any():
+        first = labels.loc[dup, "image_path"].iloc[0]
+        rows = labels[labels["image_path"] == first]
+        raise DataError(
+            f"labels CSV {csv}: rows {rows['_row'].tolist()} (ids {rows['objid'].tolist()}) name the same image "
+            f"{first}; one image could land in train and test (config key 'images.labels_csv': "
+            f"{int(dup.sum())} rows share a file with another row)"
+        )
+
+
+#: The two kinds of image file the ``images`` source reads: 8-bit colour and FITS.
+FITS_SUFFIXES = {".fits", ".fit", ".fts"}
+
+
+def _check_one_kind(labels: pd.DataFrame, csv: Path) -> None:
+    """All labelled images must be 8-bit (JPEG/PNG: bands red, green, blue) or all FITS, never both.
+
+    The network sees one band layout; a mixed folder would make each shard's first file decide it.
+    """
+    is_fits = labels["image_path"].map(lambda p: Path(p).suffix.lower() in FITS_SUFFIXES)
+    n_fits = int(is_fits.sum())
+    if 0 < n_fits < len(labels):
+        first_fits = labels.loc[is_fits, "image_path"].iloc[0]
+        first_8bit = labels.loc[~is_fits, "image_path"].iloc[0]
+        raise DataError(
+            f"labels CSV {csv}: mixes {n_fits} FITS image(s) (e.g. {first_fits}) with {len(labels) - n_fits} "
+            f"JPEG/PNG image(s) (e.g. {first_8bit}); config key 'images.directory' must hold one kind "
+            "(convert one kind, or map the other rows' labels to null)"
+        )
+
+
+def find_duplicate_content(labels: pd.DataFrame) -> list[list[int]]:
+    """Groups of ``objid`` whose image files have identical content (SHA-256).
+
+    Only files of equal size are hashed; a missing or unreadable file is skipped (the
+    cutouts stage reports it).  ``labels`` is :func:`read_labels` output.
+    """
+    import hashlib
+    import os
+
+    by_size: dict[int, list[tuple[int, str]]] = {}
+    for objid, path in zip(labels["objid"].tolist(), labels["image_path"].tolist(), strict=True):
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            continue
+        by_size.setdefault(size, []).append((int(objid), str(path)))
+    groups: dict[str, list[int]] = {}
+    for members in by_size.values():
+        if len(members) < 2:
+            continue
+        for objid, path in members:
+            digest = hashlib.sha256()
+            try:
+                with open(path, "rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError:
+                continue
+            groups.setdefault(digest.hexdigest(), []).append(objid)
+    return sorted(ids for ids in groups.values() if len(ids) > 1)
+
+
+def check_duplicate_content(labels: pd.DataFrame, csv: PathLike) -> None:
+    """Refuse two labelled rows whose image files are identical (:func:`find_duplicate_content`).
+
+    Raises
+    ------
+    DataError
+        Naming the ids and files of the first group, and how many groups there are.
+    """
+    dups = find_duplicate_content(labels)
+    if dups:
+        first = labels[labels["objid"].isin(dups[0])]
+        files = ", ".join(f"id {i}: {p}" for i, p in zip(first["objid"], first["image_path"], strict=True))
+        raise DataError(
+            f"labels CSV {csv}: {len(dups)} group(s) of rows have images with identical content (sha256); "
+            f"first: {files}; one image could land in train and test (config key 'images.labels_csv')"
+        )
 
 
 def _parse_ids(ids: pd.Series, csv: Path, column: str) -> pd.Series:
@@ -179,9 +267,15 @@ def build_catalogue(images: ImagesConfig | Mapping[str, Any]) -> tuple[pd.DataFr
     provenance : dict
         ``source``, ``labels_csv``, ``directory``, ``label_map``,
         ``class_counts`` and ``created_utc``.
+
+    Raises
+    ------
+    DataError
+        :func:`read_labels`'s errors, and two rows whose images have identical content.
     """
     params = images_section(images)
     labels = read_labels(params)
+    check_duplicate_content(labels, str(params.labels_csv))
     labels.insert(1, "ra", np.nan)
     labels.insert(2, "dec", np.nan)
     counts = labels["label"].value_counts().sort_index().to_dict()
@@ -390,13 +484,20 @@ def make_cutouts(
         it = tqdm(it, total=len(catalogue), desc="cutouts", unit="gal")
     for row in it:
         objid = int(row.objid)
-        if cache.load_valid(objid, size=size) is not None:
+        try:
+            source_hash = file_sha256(row.image_path)
+        except OSError as exc:
+            rows.append((objid, "", "failed", f"image {row.image_path}: cannot be read ({exc.strerror})", 0))
+            continue
+        cached = cache.load_valid(objid, size=size)
+        if cached is not None and cached.header.get("SRCHASH") == source_hash:  # made from these very bytes
             rows.append((objid, str(cache.path(objid)), "ok", "", 0))
             continue
         try:
             image = load_external_image(row.image_path, size=size, crop_fraction=crop_fraction)
             path = cache.write(objid, image.data, bands=image.bands, ra=float(row.ra), dec=float(row.dec),
-                               source="images", bunit=image.bunit, pixel_scale=0.0)
+                               source="images", bunit=image.bunit, pixel_scale=0.0,
+                               extra={"SRCHASH": source_hash})
             rows.append((objid, str(path), "ok", "", 0))
         except DataError as exc:
             rows.append((objid, "", "failed", str(exc), 0))
@@ -457,16 +558,23 @@ class ImagesSource:
                             crop_fraction=float(self.section.crop_fraction), progress=progress)
 
     def input_files(self) -> list[Path]:
-        """The labels CSV, then every image the catalogue references (sorted, no duplicates).
+        """The labels CSV: the one file the catalogue reads."""
+        return [Path(str(self.section.labels_csv))]
 
-        When the CSV is absent only its path is returned, so that the missing
-        file is what gets reported.
+    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
+        """Per shard, the images its cutouts are made from (the catalogue's own shard assignment).
+
+        Reads the labels CSV as the catalogue stage does and deals the rows into
+        shards with :func:`galpipe.catalogue.shard_catalogue`, so a changed image
+        is traced to exactly its shard.  A missing CSV gives empty lists (the
+        catalogue stage reports it).
         """
-        csv = Path(str(self.section.labels_csv))
-        if not csv.is_file():
-            return [csv]
-        images = read_labels(self.section)["image_path"]
-        return [csv, *(Path(p) for p in sorted(set(images)))]
+        from galpipe.catalogue import check_catalogue, shard_catalogue
+
+        if not Path(str(self.section.labels_csv)).is_file():
+            return [[] for _ in range(n_shards)]
+        cat, _ = build_catalogue(self.section)
+        return [[Path(p) for p in part["image_path"]] for part in shard_catalogue(check_catalogue(cat), n_shards)]
 
     @classmethod
     def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:

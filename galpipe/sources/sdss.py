@@ -778,6 +778,10 @@ class SdssSource:
         """None: everything comes from the network."""
         return []
 
+    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
+        """No local files: every shard's cutouts come from the configuration (or the network)."""
+        return [[] for _ in range(n_shards)]
+
     @classmethod
     def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
         """An external FITS, JPEG or PNG image as cutout pixels (see :func:`.images.load_external_image`)."""

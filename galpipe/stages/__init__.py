@@ -43,28 +43,58 @@ STAGES = ("catalogue", "cutouts", "normalise", "split", "train", "evaluate", "le
 #: The three splits, in order.
 SPLITS = ("train", "validation", "test")
 
-#: Every artifact's path, relative to the working directory ({shard}, {split},
-#: {experiment} are filled per job).
-PATHS: dict[str, str] = {
-    "catalogue": "results/catalogue/catalogue.parquet",
-    "shard": "results/catalogue/shards/{shard}.parquet",
-    "manifest": "results/cutouts/{shard}.parquet",
-    "normalised": "results/normalised/{shard}.parquet",
-    "rejects": "results/normalised/{shard}.rejects.parquet",
-    "split": "results/split/{split}.parquet",
-    "split_summary": "results/split/summary.json",
-    "model": "results/models/{experiment}/model.json",
-    "weights": "results/models/{experiment}/weights.npz",
-    "history": "results/models/{experiment}/history.csv",
-    "train_info": "results/models/{experiment}/train_info.json",
-    "metrics": "results/evaluation/{experiment}/metrics.json",
-    "predictions": "results/evaluation/{experiment}/predictions.parquet",
-    "figures": "results/evaluation/{experiment}/figures",
-    "leaderboard": "results/leaderboard.csv",
-    "leaderboard_html": "results/leaderboard.html",
-    "comparison": "results/comparison.png",
-    "checkpoints": "results/checkpoints",
+#: Every artifact's path below the results folder ({shard}, {split}, {experiment} are
+#: filled per job); :func:`paths` puts them under a config's own folder.
+ARTIFACTS: dict[str, str] = {
+    "catalogue": "catalogue/catalogue.parquet",
+    "shard": "catalogue/shards/{shard}.parquet",
+    "manifest": "cutouts/{shard}.parquet",
+    "normalised": "normalised/{shard}.parquet",
+    "rejects": "normalised/{shard}.rejects.parquet",
+    "split": "split/{split}.parquet",
+    "split_summary": "split/summary.json",
+    "model": "models/{experiment}/model.json",
+    "weights": "models/{experiment}/weights.npz",
+    "history": "models/{experiment}/history.csv",
+    "train_info": "models/{experiment}/train_info.json",
+    "metrics": "evaluation/{experiment}/metrics.json",
+    "predictions": "evaluation/{experiment}/predictions.parquet",
+    "figures": "evaluation/{experiment}/figures",
+    "leaderboard": "leaderboard.csv",
+    "leaderboard_html": "leaderboard.html",
+    "comparison": "comparison.png",
+    "checkpoints": "checkpoints",
 }
+
+#: The results folder of the default config (``config.yaml``) and the logs folder.
+RESULTS_ROOT = "results"
+LOGS_ROOT = "logs"
+
+
+def paths(results: str = RESULTS_ROOT) -> dict[str, str]:
+    """Every artifact's path (relative to the working directory) under the folder ``results``."""
+    return {k: f"{results}/{v}" for k, v in ARTIFACTS.items()}
+
+
+#: Every artifact's path for the default config, relative to the working directory.
+PATHS: dict[str, str] = paths()
+
+
+def run_folders(config_path: PathLike | None) -> tuple[str, str]:
+    """The results and logs folders of a run of the config file ``config_path``.
+
+    A config file named ``config.yaml`` (the default ``config/config.yaml``, or a
+    ``config/config.yaml`` in another working directory) writes to ``results/``
+    and ``logs/``; any other config ``NAME.yaml`` writes to ``results/NAME/`` and
+    ``logs/NAME/``, so switching configs never overwrites another config's results.
+    """
+    from galpipe.io.atomic import safe_filename
+
+    if config_path is None or Path(config_path).name == "config.yaml":
+        return RESULTS_ROOT, LOGS_ROOT
+    name = safe_filename(Path(config_path).stem, what="config file name")
+    return f"{RESULTS_ROOT}/{name}", f"{LOGS_ROOT}/{name}"
+
 
 #: Root of the per-galaxy cutout cache, relative to the working directory.
 CUTOUT_CACHE_ROOT = "resources/cutouts"

@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from galpipe.io.atomic import atomic_write_text
+from galpipe.errors import DataError
+from galpipe.io.atomic import atomic_write_text, safe_filename
 from galpipe.io.parquet import read_metadata, write_table
+from galpipe.provenance import provenance
 from galpipe.settings import Config
 from galpipe.stages.train import load_inputs
 
@@ -51,14 +53,16 @@ def run(params: Mapping[str, Any], model_json: PathLike, test: PathLike,
 
     ev = params["evaluate"]
     seed = int(params.get("seed", 0))
-    model, meta = load_model(Path(model_json).parent)
+    model, meta = load_model(Path(model_json).parent, pipeline=True)
     classes = list(meta["classes"])
     ds = load_inputs(meta, test)
     y = ds.labels()
     objids = ds.objids()
     images = meta.get("inputs") != "features"
     res = predict_proba(model, ds, mc_dropout=int(ev["mc_dropout"]), seed=seed)
-    result: dict[str, Any] = {"experiment": meta.get("experiment"), "classes": classes, "n_test": len(y)}
+    result: dict[str, Any] = {"experiment": meta.get("experiment"), "classes": classes, "n_test": len(y),
+                              "provenance": {**provenance("evaluate", params, [test]),
+                                             "model": meta.get("provenance")}}
     result["plain"] = M.evaluate_predictions(y, res.proba, classes, n_boot=int(ev["n_bootstrap"]), seed=seed)
     preds = pd.DataFrame({"objid": objids, "label": [classes[i] for i in y], "label_index": y})
     preds = pd.concat([preds, _predictions_frame(ds, classes, res)], axis=1)
@@ -86,6 +90,14 @@ def run(params: Mapping[str, Any], model_json: PathLike, test: PathLike,
     return result
 
 
+def _figure_path(fig: Path, name: str) -> Path:
+    """``fig / name`` for a name built from data (a class name): refused unless it stays inside ``fig``."""
+    path = fig / name
+    if Path(name).name != name or path.resolve().parent != fig.resolve():
+        raise DataError(f"figure {name!r}: the path {path} leaves the figures folder {fig}")
+    return path
+
+
 def _galleries(test: PathLike, y: np.ndarray, proba: np.ndarray, classes: Sequence[str], bands: Sequence[str],
                k: int, fig: Path) -> None:
     from galpipe import plots as P
@@ -110,6 +122,7 @@ def _galleries(test: PathLike, y: np.ndarray, proba: np.ndarray, classes: Sequen
         if not idx:
             continue
         titles = [f"true: {classes[y[i]]}\np({classes[int(proba[i].argmax())]})={proba[i].max():.2f}" for i in idx]
-        name = "gallery_mistakes" if key == "mistakes" else f"gallery_correct_{key.split(':', 1)[1]}"
-        P.plot_gallery(np.stack([found[i] for i in idx]), list(bands), titles, fig / f"{name}.png",
+        name = "gallery_mistakes" if key == "mistakes" else (
+            f"gallery_correct_{safe_filename(key.split(':', 1)[1], what='class name')}")
+        P.plot_gallery(np.stack([found[i] for i in idx]), list(bands), titles, _figure_path(fig, f"{name}.png"),
                        title=key.replace(":", ": "))

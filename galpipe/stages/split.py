@@ -97,6 +97,38 @@ def assign_splits(objid: np.ndarray, label: np.ndarray, fractions: Mapping[str, 
     return out
 
 
+def check_split_counts(label: np.ndarray, split: np.ndarray, classes: Sequence[str]) -> None:
+    """Refuse a split assignment that leaves a split without some class (or has one class only).
+
+    Parameters
+    ----------
+    label, split : numpy.ndarray
+        ``(N,)`` class name and split name of every row.
+    classes : sequence of str
+        The classes the model will have.
+
+    Raises
+    ------
+    DataError
+        Naming the split and the class (and each class's count), before anything is written:
+        an empty split would otherwise only fail later, in training or evaluation.
+    """
+    label = np.asarray(label).astype(str)
+    split = np.asarray(split).astype(str)
+    totals = {c: int((label == c).sum()) for c in classes}
+    if len(classes) < 2:
+        raise DataError(f"split: only {len(classes)} class ({list(classes)}) among the {len(label)} galaxies left "
+                        "after normalisation; a classifier needs at least two")
+    for s in SPLITS:
+        for c in classes:
+            if not ((split == s) & (label == c)).any():
+                raise DataError(
+                    f"split: the {s} split would have no galaxy of class {c!r} ({totals[c]} {c!r} galaxies in all, "
+                    f"class counts {totals}); every class needs at least {len(SPLITS)} galaxies left after the "
+                    "cutouts and normalise stages (more galaxies, or fewer rejected ones)"
+                )
+
+
 def split_dataset(
     inputs: Sequence[str | os.PathLike[str]],
     outputs: Mapping[str, str | os.PathLike[str]],
@@ -143,6 +175,7 @@ def split_dataset(
     unknown = sorted(set(keys["label"]) - set(classes))
     if unknown:
         raise DataError(f"labels {unknown} are not among the classes {classes}")
+    check_split_counts(keys["label"].to_numpy(), np.array([split_of[i] for i in keys["objid"].tolist()]), classes)
     class_index = {c: i for i, c in enumerate(classes)}
     meta0 = non_empty[0]
     meta = {"image_shape": meta0["image_shape"], "bands": meta0.get("bands", []), "classes": classes,

@@ -27,6 +27,7 @@ from galpipe.errors import ConfigError
 from galpipe.io.atomic import atomic_write_text, safe_filename
 from galpipe.io.parquet import read_metadata
 from galpipe.nn.training import TrainConfig
+from galpipe.provenance import provenance
 from galpipe.settings import Config
 from galpipe.stages import PATHS, as_config
 
@@ -114,6 +115,7 @@ def run(exp: Mapping[str, Any], train: PathLike, validation: PathLike, model_jso
         "image_shape": meta["image_shape"], "normalisation": meta.get("normalisation", {}),
         "features": feature_info, "training": tcfg.to_dict(), "galpipe_version": __version__,
         "preprocess": dict(exp.get("preprocess") or {}),
+        "provenance": provenance("train", exp, [train, validation]),
     }
     save_model(model, out_dir, metadata=metadata)
     history.to_csv(out_dir / "history.csv")
@@ -131,22 +133,73 @@ def run(exp: Mapping[str, Any], train: PathLike, validation: PathLike, model_jso
 
 
 def check_architectures(cfg: Config | Mapping[str, Any], experiments: Mapping[str, Mapping[str, Any]]) -> None:
-    """Build every image experiment's network on the configured input shape.
+    """Check every image experiment's network on the configured input shape, before any job.
 
-    Run by the Snakefile before any job, so an architecture whose shapes do not
-    fit together fails at once, naming the experiment and the layer.
+    Run by the Snakefile and ``galpipe validate-config``.  First, without allocating
+    anything (:func:`galpipe.nn.model.estimate_model`), the ``limits:`` caps: layers after
+    ``repeat`` expansion (``max_layers``, counted before expanding), trainable parameters
+    (``max_parameters``) and the activation memory of one training batch
+    (``max_activation_mb``, float32); then the network is built, so an architecture whose
+    shapes do not fit together fails at once, naming the experiment and the layer.
+
+    Raises
+    ------
+    ConfigError
+        A cap exceeded: naming ``experiments.<name>.architecture``, the layer, the estimate
+        and the cap.
+    ModelError
+        Shapes that do not fit, an unknown layer type or argument.
     """
     from galpipe.errors import ModelError
-    from galpipe.nn.model import build_model
+    from galpipe.nn.model import build_model, count_layers, estimate_model
     from galpipe.sources import get_source
 
-    bands = get_source(as_config(cfg)).bands
+    c = as_config(cfg)
+    limits = c.limits
+    bands = get_source(c).bands
     n_bands = len(bands) if bands is not None else 3  # a folder of images: colour files are the norm
-    shape = (cfg["cutout_size"], cfg["cutout_size"], n_bands)
+    shape = (c.cutout_size, c.cutout_size, n_bands)
     for name, exp in experiments.items():
         if exp.get("inputs", "image") != "image":
             continue
+        where = f"config key 'experiments.{name}.architecture'"
+        arch = full_architecture(exp["architecture"], 2)
+        n_layers = count_layers(arch)
+        if n_layers > int(limits["max_layers"]):
+            raise ConfigError(f"{where}: expands to {n_layers:,} layers (repeat entries included, output layer "
+                              f"added), over limits.max_layers = {int(limits['max_layers']):,}")
         try:
-            build_model(full_architecture(exp["architecture"], 2), shape)
+            sizes = estimate_model(arch, shape, max_layers=int(limits["max_layers"]))
         except ModelError as exc:
-            raise ModelError(f"config key 'experiments.{name}.architecture': {exc}") from exc
+            raise ModelError(f"{where}: {exc}") from exc
+        batch_size = int({**c.training, **(exp.get("training") or {})}["batch_size"])
+        _check_limits(where, sizes, batch_size, limits)
+        try:
+            build_model(arch, shape, max_layers=int(limits["max_layers"]))
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from exc
+
+
+def _check_limits(where: str, sizes: Sequence[Any], batch_size: int, limits: Mapping[str, Any]) -> None:
+    """Refuse a network over ``limits.max_parameters`` or ``limits.max_activation_mb``, naming the
+    layer at which the running total first passes the cap (``sizes``: :func:`estimate_model`)."""
+    cap_p = int(limits["max_parameters"])
+    cap_mb = float(limits["max_activation_mb"])
+    total_p = 0
+    total_mb = 0.0
+    for s in sizes:
+        total_p += s.n_params
+        if total_p > cap_p:
+            raise ConfigError(
+                f"{where}: layer {s.index} ({s.type_name}) has {s.n_params:,} parameters, bringing the network to at "
+                f"least {total_p:,} (estimated without building it), more than limits.max_parameters = {cap_p:,}"
+            )
+        layer_mb = s.activations * batch_size * 4 / 2**20
+        total_mb += layer_mb
+        if total_mb > cap_mb:
+            raise ConfigError(
+                f"{where}: layer {s.index} ({s.type_name}), output {tuple(s.output_shape)}, needs {layer_mb:,.1f} MiB "
+                f"of activations for a batch of {batch_size} (training.batch_size), bringing the network to at least "
+                f"{total_mb:,.1f} MiB (float32, estimated without building it), more than "
+                f"limits.max_activation_mb = {cap_mb:g}"
+            )

@@ -1057,40 +1057,101 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # --------------------------------------------------------------------------- command line
+def _int_option(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[low, high]`` (``high`` None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected "
+                                             + (f"{low}..{high}" if high is not None else f">= {low}"))
+        return value
+    return parse
+
+
+def _float_option(low: float, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]`` (``high`` None: no upper bound)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected a finite number "
+                                             + (f"in {low:g}..{high:g}" if high is not None else f">= {low:g}"))
+        return value
+    return parse
+
+
+#: Smallest and largest frame side the stand-in renders (SDSS frames are 1489 x 2048).
+FRAME_SIDE_RANGE = (16, 4096)
+
+
+def _frame_shape(text: str) -> tuple[int, int]:
+    """``--frame-shape ROWS,COLUMNS``: two integers in :data:`FRAME_SIDE_RANGE`."""
+    lo, hi = FRAME_SIDE_RANGE
+    try:
+        ny, nx = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWS,COLUMNS, two integers") from None
+    if not (lo <= ny <= hi and lo <= nx <= hi):
+        raise argparse.ArgumentTypeError(f"{text!r}: rows and columns must each be in {lo}..{hi}")
+    return ny, nx
+
+
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    """``--fault-kinds``: a comma list of some of :data:`FAULT_KINDS`."""
+    kinds = tuple(k for k in text.split(",") if k)
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of some of {', '.join(FAULT_KINDS)}")
+    return kinds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a fake SkyServer until interrupted (``galpipe fake-skyserver``).
 
     Prints the base URLs and the ``sdss:`` config keys that point galpipe at it.
+    A bad option ends with argparse's usage and one error line (exit 2), a port
+    that cannot be bound with one error line (exit 1); never a traceback.
     """
     parser = argparse.ArgumentParser(
         prog="galpipe fake-skyserver",
         description="Serve a stand-in SkyServer (SQL, ImgCutout) and SAS (frames) on 127.0.0.1.",
     )
-    parser.add_argument("--port", type=int, default=8642, help="TCP port (0: any free port)")
-    parser.add_argument("--galaxies", type=int, default=200, help="objects in the fake sky")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sky and the faults")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
-    parser.add_argument("--fault-rate", type=float, default=0.0, help="fraction of failed requests")
-    parser.add_argument("--fault-kinds", default=",".join(FAULT_KINDS), help=f"comma list of {FAULT_KINDS}")
-    parser.add_argument("--frame-shape", default="372,512", help="frame rows,columns (SDSS: 1489,2048)")
-    parser.add_argument("--galaxies-per-field", type=int, default=4)
+    parser.add_argument("--port", type=_int_option(0, 65535), default=8642, help="TCP port (0: any free port)")
+    parser.add_argument("--galaxies", type=_int_option(1, 1_000_000), default=200, help="objects in the fake sky")
+    parser.add_argument("--seed", type=_int_option(0), default=0, help="seed of the sky and the faults")
+    parser.add_argument("--latency", type=_float_option(0.0), default=0.0, help="seconds per request")
+    parser.add_argument("--fault-rate", type=_float_option(0.0, 1.0), default=0.0,
+                        help="fraction of failed requests")
+    parser.add_argument("--fault-kinds", type=_fault_kinds, default=",".join(FAULT_KINDS),
+                        help=f"comma list of {FAULT_KINDS}")
+    parser.add_argument("--frame-shape", type=_frame_shape, default="372,512",
+                        help=f"frame rows,columns, each {FRAME_SIDE_RANGE[0]}..{FRAME_SIDE_RANGE[1]} "
+                             "(SDSS: 1489,2048)")
+    parser.add_argument("--galaxies-per-field", type=_int_option(1), default=4)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    ny, nx = args.frame_shape
     try:
-        ny, nx = (int(v) for v in args.frame_shape.split(","))
-        kinds = tuple(k for k in args.fault_kinds.split(",") if k)
-        faults = FaultSpec(rate=args.fault_rate, kinds=kinds, seed=args.seed)
+        faults = FaultSpec(rate=args.fault_rate, kinds=args.fault_kinds, seed=args.seed)
+        srv = FakeSkyServer(
+            n_galaxies=args.galaxies,
+            seed=args.seed,
+            faults=faults,
+            latency=args.latency,
+            frame_shape=(ny, nx),
+            galaxies_per_field=args.galaxies_per_field,
+            port=args.port,
+        )
     except (ValueError, ConfigError) as exc:
         parser.error(str(exc))
-    srv = FakeSkyServer(
-        n_galaxies=args.galaxies,
-        seed=args.seed,
-        faults=faults,
-        latency=args.latency,
-        frame_shape=(ny, nx),
-        galaxies_per_field=args.galaxies_per_field,
-        port=args.port,
-    )
-    srv.start()
+    try:
+        srv.start()
+    except OSError as exc:
+        parser.exit(1, f"{parser.prog}: error: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}\n")
     print(f"fake SkyServer: {srv.skyserver_url}   fake SAS: {srv.sas_url}", flush=True)
     print("config keys:", flush=True)
     print(f"  sdss:\n    skyserver_url: {srv.skyserver_url}\n    sas_url: {srv.sas_url}", flush=True)

@@ -1,13 +1,16 @@
 rule catalogue:
+    input:
+        CATALOGUE_INPUTS,
     output:
-        catalogue=PATHS["catalogue"],
-        shards=expand(PATHS["shard"], shard=SHARDS),
+        catalogue=P["catalogue"],
+        shards=expand(P["shard"], shard=SHARDS),
     params:
         cfg=stage_params(CFG, "catalogue"),
+        code=CODE["catalogue"],
     log:
-        "logs/catalogue.log",
+        f"{LOGS}/catalogue.log",
     benchmark:
-        "logs/benchmarks/catalogue.tsv"
+        f"{LOGS}/benchmarks/catalogue.tsv"
     threads: 1
     resources:
         mem_mb=2000,

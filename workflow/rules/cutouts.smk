@@ -1,15 +1,17 @@
 rule cutouts:
     input:
-        shard=PATHS["shard"],
+        shard=P["shard"],
     output:
-        manifest=PATHS["manifest"],
+        manifest=P["manifest"],
     params:
         cfg=stage_params(CFG, "cutouts"),
+        inputs=lambda w: SHARD_INPUTS[w.shard],
+        code=CODE["cutouts"],
         cache_dir=CUTOUT_DIR,
     log:
-        "logs/cutouts/{shard}.log",
+        f"{LOGS}/cutouts/{{shard}}.log",
     benchmark:
-        "logs/benchmarks/cutouts/{shard}.tsv"
+        f"{LOGS}/benchmarks/cutouts/{{shard}}.tsv"
     threads: 1
     resources:
         mem_mb=2000,

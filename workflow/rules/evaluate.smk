@@ -1,14 +1,14 @@
 rule evaluate:
     input:
-        model=PATHS["model"],
-        weights=PATHS["weights"],
-        history=PATHS["history"],
-        test=PATHS["split"].format(split="test"),
+        model=P["model"],
+        weights=P["weights"],
+        history=P["history"],
+        test=P["split"].format(split="test"),
     output:
-        metrics=PATHS["metrics"],
-        predictions=PATHS["predictions"],
+        metrics=P["metrics"],
+        predictions=P["predictions"],
         figures=report(
-            directory(PATHS["figures"]),
+            directory(P["figures"]),
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="{experiment}",
@@ -16,10 +16,11 @@ rule evaluate:
         ),
     params:
         cfg=stage_params(CFG, "evaluate"),
+        code=CODE["evaluate"],
     log:
-        "logs/evaluate/{experiment}.log",
+        f"{LOGS}/evaluate/{{experiment}}.log",
     benchmark:
-        "logs/benchmarks/evaluate/{experiment}.tsv"
+        f"{LOGS}/benchmarks/evaluate/{{experiment}}.tsv"
     threads: 2
     resources:
         mem_mb=4000,
@@ -32,31 +33,32 @@ rule evaluate:
 
 rule leaderboard:
     input:
-        metrics=expand(PATHS["metrics"], experiment=EXPERIMENTS),
-        info=expand(PATHS["train_info"], experiment=EXPERIMENTS),
+        metrics=expand(P["metrics"], experiment=EXPERIMENTS),
+        info=expand(P["train_info"], experiment=EXPERIMENTS),
     output:
         table=report(
-            PATHS["leaderboard"],
+            P["leaderboard"],
             caption="../report/leaderboard.rst",
             category="Comparison",
             labels={"artifact": "leaderboard (CSV download)"},
         ),
         html=report(
-            PATHS["leaderboard_html"],
+            P["leaderboard_html"],
             caption="../report/leaderboard.rst",
             category="Comparison",
             labels={"artifact": "leaderboard"},
         ),
         figure=report(
-            PATHS["comparison"],
+            P["comparison"],
             caption="../report/comparison.rst",
             category="Comparison",
             labels={"artifact": "comparison chart"},
         ),
     params:
         experiments=list(EXPERIMENTS),
+        code=CODE["leaderboard"],
     log:
-        "logs/leaderboard.log",
+        f"{LOGS}/leaderboard.log",
     threads: 1
     resources:
         mem_mb=1000,

@@ -1,16 +1,17 @@
 rule normalise:
     input:
-        manifest=PATHS["manifest"],
-        shard=PATHS["shard"],
+        manifest=P["manifest"],
+        shard=P["shard"],
     output:
-        normalised=PATHS["normalised"],
-        rejects=PATHS["rejects"],
+        normalised=P["normalised"],
+        rejects=P["rejects"],
     params:
         cfg=stage_params(CFG, "normalise"),
+        code=CODE["normalise"],
     log:
-        "logs/normalise/{shard}.log",
+        f"{LOGS}/normalise/{{shard}}.log",
     benchmark:
-        "logs/benchmarks/normalise/{shard}.tsv"
+        f"{LOGS}/benchmarks/normalise/{{shard}}.tsv"
     threads: 1
     resources:
         mem_mb=2000,

@@ -1,17 +1,18 @@
 rule split:
     input:
-        expand(PATHS["normalised"], shard=SHARDS),
+        expand(P["normalised"], shard=SHARDS),
     output:
-        train=PATHS["split"].format(split="train"),
-        validation=PATHS["split"].format(split="validation"),
-        test=PATHS["split"].format(split="test"),
-        summary=PATHS["split_summary"],
+        train=P["split"].format(split="train"),
+        validation=P["split"].format(split="validation"),
+        test=P["split"].format(split="test"),
+        summary=P["split_summary"],
     params:
         cfg=stage_params(CFG, "split"),
+        code=CODE["split"],
     log:
-        "logs/split.log",
+        f"{LOGS}/split.log",
     benchmark:
-        "logs/benchmarks/split.tsv"
+        f"{LOGS}/benchmarks/split.tsv"
     threads: 1
     resources:
         mem_mb=2000,

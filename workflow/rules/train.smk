@@ -1,23 +1,25 @@
 rule train:
     input:
-        train=PATHS["split"].format(split="train"),
-        validation=PATHS["split"].format(split="validation"),
+        train=P["split"].format(split="train"),
+        validation=P["split"].format(split="validation"),
+        preset=lambda w: PRESET_FILES[w.experiment] or [],
     output:
-        model=PATHS["model"],
-        weights=PATHS["weights"],
+        model=P["model"],
+        weights=P["weights"],
         history=report(
-            PATHS["history"],
+            P["history"],
             caption="../report/history.rst",
             category="{experiment}",
             labels={"experiment": "{experiment}", "artifact": "training history (CSV download)"},
         ),
-        info=PATHS["train_info"],
+        info=P["train_info"],
     params:
         exp=lambda w: experiment_params(CFG, EXPERIMENTS[w.experiment]),
+        code=CODE["train"],
     log:
-        "logs/train/{experiment}.log",
+        f"{LOGS}/train/{{experiment}}.log",
     benchmark:
-        "logs/benchmarks/train/{experiment}.tsv"
+        f"{LOGS}/benchmarks/train/{{experiment}}.tsv"
     threads: 2
     resources:
         mem_mb=4000,
