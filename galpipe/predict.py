@@ -103,8 +103,11 @@ def _catalogue_cutouts(cat_path: Path, config: PathLike | None, workdir: Path,
         df["label"] = "unknown"  # the class is what predict finds out
     shard = workdir / "catalogue.parquet"
     write_catalogue(df, shard, {"source": "predict", "input": str(cat_path)})
-    man = cutouts_run(stage_params(cfg, "cutouts"), shard, workdir / "manifest.parquet",
-                      cutout_cache_dir(cfg, root=cache_root))
+    try:
+        man = cutouts_run(stage_params(cfg, "cutouts"), shard, workdir / "manifest.parquet",
+                          cutout_cache_dir(cfg, root=cache_root))
+    except DataError as exc:  # its full manifest sat in predict's temporary folder: name the input instead
+        raise DataError(f"catalogue {cat_path}: {str(exc).split('; every galaxy and reason:')[0]}") from exc
     return man.loc[man["status"] == "ok", "path"].tolist()
 
 
