@@ -139,6 +139,25 @@ def load_settings(config: Mapping[str, Any]) -> Config:
     return Config.from_dict(validate_config(config))
 
 
+def as_section(name: str, value: Any) -> Any:
+    """``value`` as the typed section ``name``: a section object is returned as is; a plain
+    (partial) mapping, or None, goes through the schema (:func:`build_section`).
+
+    For the library functions of the sources, which accept either.
+
+    Raises
+    ------
+    ConfigError
+        ``value`` is neither, or not a valid section (the message names the key).
+    """
+    cls = type(getattr(load_settings({}), name))
+    if isinstance(value, cls):
+        return value
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(f"config key '{name}': expected a mapping of settings, got {type(value).__name__}")
+    return build_section(name, value)
+
+
 def build_section(name: str, values: Mapping[str, Any] | None = None, **top_level: Any) -> Any:
     """Section ``name`` of a config that sets only ``values`` (and ``top_level`` keys), defaults filled.
 

@@ -125,6 +125,29 @@ class Source(Protocol):
         ...
 
 
+class NoLocalFiles:
+    """Mixin for a source that reads no local files (its pixels come from the config or the network).
+
+    Gives the :class:`Source` methods about local files: none for the catalogue, none per shard,
+    and external images loaded like a folder of images (:func:`galpipe.sources.images.load_external_image`).
+    """
+
+    def input_files(self) -> list[Path]:
+        """None: nothing local is read."""
+        return []
+
+    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
+        """No local files for any shard."""
+        return [[] for _ in range(n_shards)]
+
+    @classmethod
+    def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
+        """An external FITS, JPEG or PNG image as cutout pixels (see :func:`.images.load_external_image`)."""
+        from galpipe.sources.images import load_external_image
+
+        return load_external_image(path, size=size, crop_fraction=crop_fraction)
+
+
 class CutoutCache:
     """The per-galaxy cutout files of one source configuration: ``root/<objid>.fits``.
 

@@ -27,7 +27,7 @@ from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 from PIL import Image, UnidentifiedImageError
 
-from galpipe.errors import ConfigError, DataError
+from galpipe.errors import DataError
 from galpipe.io.atomic import file_sha256, safe_filename
 from galpipe.io.cutout_fits import read_cutout
 from galpipe.settings import Config, ImagesConfig
@@ -51,13 +51,9 @@ def images_section(images: ImagesConfig | Mapping[str, Any] | None) -> ImagesCon
     ConfigError
         The mapping is not a valid ``images:`` section (the message names the key).
     """
-    if isinstance(images, ImagesConfig):
-        return images
-    if images is not None and not isinstance(images, Mapping):
-        raise ConfigError(f"config key 'images': expected a mapping of settings, got {type(images).__name__}")
-    from galpipe.config import build_section
+    from galpipe.config import as_section
 
-    section: ImagesConfig = build_section("images", images)
+    section: ImagesConfig = as_section("images", images)
     return section
 
 

@@ -71,7 +71,7 @@ from galpipe import __version__
 from galpipe.errors import ConfigError, SourceError
 from galpipe.settings import Config, SdssConfig, SdssLabels, SdssSelection
 from galpipe.sources import register_source
-from galpipe.sources.base import CutoutCache, ExternalImage, PathLike
+from galpipe.sources.base import CutoutCache, NoLocalFiles, PathLike
 from galpipe.sources.download import (
     RETRY_STATUSES,
     FetchError,
@@ -256,13 +256,9 @@ def sdss_section(sdss: SdssConfig | Mapping[str, Any] | None) -> SdssConfig:
     ConfigError
         The mapping is not a valid ``sdss:`` section (the message names the key).
     """
-    if isinstance(sdss, SdssConfig):
-        return sdss
-    if sdss is not None and not isinstance(sdss, Mapping):
-        raise ConfigError(f"config key 'sdss': expected a mapping of settings, got {type(sdss).__name__}")
-    from galpipe.config import build_section
+    from galpipe.config import as_section
 
-    section: SdssConfig = build_section("sdss", sdss)
+    section: SdssConfig = as_section("sdss", sdss)
     return section
 
 
@@ -711,7 +707,7 @@ FRAME_CACHE_ROOT = Path("resources") / "sdss"
 
 
 @register_source
-class SdssSource:
+class SdssSource(NoLocalFiles):
     """Source ``sdss``: the live SDSS services (SkyServer SQL, SAS frames or SkyServer JPEGs).
 
     Parameters
@@ -773,18 +769,3 @@ class SdssSource:
 
         return fetch_cutouts(shard, cache, sdss=self.section, bands=self.cfg.bands, size=int(self.cfg.cutout_size),
                              frame_cache_dir=self.frame_cache_dir, progress=progress)
-
-    def input_files(self) -> list[Path]:
-        """None: everything comes from the network."""
-        return []
-
-    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
-        """No local files: every shard's cutouts come from the configuration (or the network)."""
-        return [[] for _ in range(n_shards)]
-
-    @classmethod
-    def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
-        """An external FITS, JPEG or PNG image as cutout pixels (see :func:`.images.load_external_image`)."""
-        from galpipe.sources.images import load_external_image
-
-        return load_external_image(path, size=size, crop_fraction=crop_fraction)

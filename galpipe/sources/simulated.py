@@ -79,7 +79,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -89,7 +88,7 @@ from galpipe import __version__
 from galpipe.errors import ConfigError, DataError
 from galpipe.settings import Config, Region, SimulatedConfig
 from galpipe.sources import register_source
-from galpipe.sources.base import CutoutCache, ExternalImage, PathLike, manifest_frame
+from galpipe.sources.base import CutoutCache, NoLocalFiles, manifest_frame
 from galpipe.sources.sdss_photometry import (
     GAIN,
     NMGY_PER_DN,
@@ -454,13 +453,9 @@ def simulate_catalogue(
 def simulated_section(sim: SimulatedConfig | Mapping[str, Any] | None) -> SimulatedConfig:
     """``sim`` as the typed section; a plain mapping goes through the schema
     (:func:`galpipe.config.build_section`), which fills the defaults."""
-    if isinstance(sim, SimulatedConfig):
-        return sim
-    if sim is not None and not isinstance(sim, Mapping):
-        raise ConfigError(f"config key 'simulated': expected a mapping of settings, got {type(sim).__name__}")
-    from galpipe.config import build_section
+    from galpipe.config import as_section
 
-    section: SimulatedConfig = build_section("simulated", sim)
+    section: SimulatedConfig = as_section("simulated", sim)
     return section
 
 
@@ -834,7 +829,7 @@ def make_cutouts(
 
 # --------------------------------------------------------------------------- the source
 @register_source
-class SimulatedSource:
+class SimulatedSource(NoLocalFiles):
     """Source ``simulated``: the GalSim survey of this module (offline).
 
     Parameters
@@ -892,18 +887,3 @@ class SimulatedSource:
         return make_cutouts(shard, cache, bands=self.cfg.bands, size=int(self.cfg.cutout_size),
                             seed=int(self.cfg.seed), pixel_scale=float(self.section.pixel_scale),
                             progress=progress)
-
-    def input_files(self) -> list[Path]:
-        """None: the survey is made from the configuration alone."""
-        return []
-
-    def shard_input_files(self, n_shards: int) -> list[list[Path]]:
-        """No local files: every shard's cutouts come from the configuration (or the network)."""
-        return [[] for _ in range(n_shards)]
-
-    @classmethod
-    def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
-        """An external FITS, JPEG or PNG image as cutout pixels (see :func:`.images.load_external_image`)."""
-        from galpipe.sources.images import load_external_image
-
-        return load_external_image(path, size=size, crop_fraction=crop_fraction)
