@@ -24,8 +24,17 @@ much time galpipe spends beyond it, against the whole of PyTorch's step.
 halve OpenBLAS matmul speed) are removed before NumPy is imported: the script
 re-executes itself without them and says so.
 
-Usage: ``python benchmarks/bench_nn.py [--reps 7] [--steps 10] [--threads 1,2]
-[--no-torch] [--profile]``.
+It also prints, per run and thread count above 1, how much faster perfectly parallel
+work runs on that many workers than on one (the cores really free at that moment), and
+galpipe's own 1 -> n thread scaling (wall clock and CPU time per step).
+
+It also prints the ratios of ``--runs`` whole measurements (best and median), the
+share of the GEMM peak (a 2048^3 sgemm timed in the same run; galpipe's FLOPs counted
+as direct convolution), and the time of every part of one training step (each
+execution-plan step forward and backward, loss, optimizer) at each thread count.
+
+Usage: ``python benchmarks/bench_nn.py [--reps 7] [--steps 10] [--runs 3]
+[--threads 1,2] [--no-torch] [--profile]``.
 """
 
 from __future__ import annotations
@@ -47,7 +56,14 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from galpipe.nn import Adam, SoftmaxCrossEntropy, build_model, get_num_workers  # noqa: E402
+from galpipe.nn import (  # noqa: E402
+    Adam,
+    SoftmaxCrossEntropy,
+    build_model,
+    flatten_parameters,
+    get_num_workers,
+)
+from galpipe.nn.fast.threads import compute_region, parallel_chunks  # noqa: E402
 
 SPEC: list[dict | str] = [
     {"type": "conv2d", "filters": 16, "kernel_size": 3},
@@ -155,11 +171,103 @@ def gemm_floor_seconds(batch: int, reps: int) -> tuple[float, float]:
     return infer + sum(per[s] for s in shapes["backward"]), infer
 
 
+def sgemm_peak_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of a ``size``-cubed float32 ``np.matmul`` at ``threads`` BLAS threads."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    with threadpool_limits(limits=threads):
+        np.matmul(a, b, out=out)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e9
+
+
+def parallel_calibration(workers: int, reps: int = 5) -> float:
+    """Speed-up of ``workers`` over one worker on perfectly parallel work (independent
+    single-threaded 384^3 sgemms spread by :func:`parallel_chunks`; interleaved, medians):
+    how many cores the machine really gives this process now (``workers`` when all are
+    free).  galpipe's and PyTorch's multi-thread numbers mean little when it is ~1."""
+    a = np.random.default_rng(1).standard_normal((8, 384, 384)).astype(np.float32)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            a[i] @ a[i]
+
+    times: dict[int, list[float]] = {1: [], workers: []}
+    with threadpool_limits(limits=1):
+        for _ in range(reps + 1):
+            for w in times:
+                t0 = time.perf_counter()
+                parallel_chunks(work, len(a), workers=w)
+                times[w].append(time.perf_counter() - t0)
+    return statistics.median(times[1][1:]) / statistics.median(times[workers][1:])
+
+
+def network_flops(batch: int) -> tuple[float, float]:
+    """(training, inference) FLOPs per step counted as direct convolution / dense products
+    (multiply-add = 2): forward, plus weight and input gradients (none for the first layer)."""
+    shapes = gemm_shapes(batch)
+    fwd = sum(2.0 * m * k * n for _, m, k, n in shapes["forward"])
+    bwd = sum(2.0 * m * k * n for _, m, k, n in shapes["backward"])
+    return fwd + bwd, fwd
+
+
+def time_parts(x: np.ndarray, y: np.ndarray, reps: int) -> dict[str, float]:
+    """Median ms per training step of every part: each execution-plan step's forward
+    (training mode) and backward, the loss (forward + backward) and the optimizer."""
+    model = build_model(SPEC, INPUT_SHAPE, seed=0)
+    flatten_parameters(model)
+    opt = Adam(model.params, lr=1e-3)
+    loss = SoftmaxCrossEntropy()
+    plan = model._plan
+    assert plan is not None
+    names = []
+    for step, idx in plan:
+        kind = getattr(step, "kind", None) if step is not model.layers[idx[0]] else None
+        algo = getattr(step, "algorithm", "im2col") if kind and kind.startswith("conv") else ""
+        label = kind or model.layers[idx[0]].type_name
+        names.append(f"{label}{' ' + algo if algo else ''} [{idx[0]}-{idx[-1]}]")
+    samples: dict[str, list[float]] = {}
+
+    def note(key: str, t0: float) -> None:
+        samples.setdefault(key, []).append(time.perf_counter() - t0)
+
+    for rep in range(reps + 1):
+        with compute_region():
+            for i, layer in enumerate(model.layers):
+                layer.input_grad_needed = i > 0
+            h = x
+            for (step, _), name in zip(plan, names, strict=True):
+                t0 = time.perf_counter()
+                h = step.forward(h, True)
+                note(f"{name} fwd", t0)
+            t0 = time.perf_counter()
+            loss.forward(h, y)
+            d = loss.backward()
+            note("loss", t0)
+            for (step, _), name in reversed(list(zip(plan, names, strict=True))):
+                t0 = time.perf_counter()
+                d = step.backward(d)
+                note(f"{name} bwd", t0)
+            t0 = time.perf_counter()
+            opt.step(model.grads)
+            note("optimizer (Adam)", t0)
+        if rep == 0:
+            samples.clear()  # warm-up
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
 def galpipe_impl(
     x: np.ndarray, y: np.ndarray
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[int], None]]:
     """(train_step, infer, profile) closures for galpipe."""
     model = build_model(SPEC, INPUT_SHAPE, seed=0)
+    flatten_parameters(model)  # as galpipe.nn.training does: Adam on one flat buffer
     opt = Adam(model.params, lr=1e-3)
     loss = SoftmaxCrossEntropy()
 
@@ -249,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--profile", action="store_true", help="cProfile galpipe training")
+    parser.add_argument("--runs", type=int, default=3, help="whole measurements (best/median)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
 
@@ -287,43 +396,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch {torch.__version__} (threads set with torch.set_num_threads to match)")
 
     # Implementations are timed in interleaved repetitions (galpipe, torch, galpipe, ...)
-    # so that load from other processes affects all of them alike.
-    results: dict[int, dict[str, dict[str, float]]] = {}
-    for n in threads:
-        with threadpool_limits(limits=n):
-            if torch is not None:
-                torch.set_num_threads(n)
-            g_train, g_infer, g_profile = galpipe_impl(x, y)
-            impls: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
-                "galpipe": (g_train, g_infer)
-            }
-            if args.profile:
-                g_profile(args.steps)
-            if torch is not None:
-                impls["torch NHWC"] = torch_impl(torch, x, y, channels_last=True)
-                impls["torch NCHW"] = torch_impl(torch, x, y, channels_last=False)
-            times: dict[str, dict[str, list[float]]] = {
-                k: {"train": [], "infer": [], "train_cpu": [], "infer_cpu": []} for k in impls
-            }
-            for mode, idx in (("train", 0), ("infer", 1)):
-                for fns in impls.values():
-                    time_calls(fns[idx], 3)  # warm-up
-                for _ in range(args.reps):
-                    for name, fns in impls.items():
-                        wall, cpu = time_calls(fns[idx], args.steps)
-                        times[name][mode].append(wall)
-                        times[name][f"{mode}_cpu"].append(cpu)
-            results[n] = {
-                name: {m: statistics.median(v) for m, v in t.items()}
-                for name, t in times.items()
-            }
-            print(f"[{n} thread(s): galpipe workers={get_num_workers()}, load average "
-                  f"{os.getloadavg()[0]:.2f} (other processes compete for the CPUs when > "
-                  f"{n})]")
+    # so that load from other processes affects all of them alike; the whole measurement
+    # is repeated --runs times (best and median of the runs' ratios are reported).
+    runs: list[dict[int, dict[str, dict[str, float]]]] = []
+    for run in range(args.runs):
+        results: dict[int, dict[str, dict[str, float]]] = {}
+        runs.append(results)
+        for n in threads:
+            with threadpool_limits(limits=n):
+                if torch is not None:
+                    torch.set_num_threads(n)
+                g_train, g_infer, g_profile = galpipe_impl(x, y)
+                impls: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+                    "galpipe": (g_train, g_infer)
+                }
+                if args.profile and run == 0:
+                    g_profile(args.steps)
+                if torch is not None:
+                    impls["torch NHWC"] = torch_impl(torch, x, y, channels_last=True)
+                    impls["torch NCHW"] = torch_impl(torch, x, y, channels_last=False)
+                times: dict[str, dict[str, list[float]]] = {
+                    k: {"train": [], "infer": [], "train_cpu": [], "infer_cpu": []} for k in impls
+                }
+                for mode, idx in (("train", 0), ("infer", 1)):
+                    for fns in impls.values():
+                        time_calls(fns[idx], 3)  # warm-up
+                    for _ in range(args.reps):
+                        for name, fns in impls.items():
+                            wall, cpu = time_calls(fns[idx], args.steps)
+                            times[name][mode].append(wall)
+                            times[name][f"{mode}_cpu"].append(cpu)
+                results[n] = {
+                    name: {m: statistics.median(v) for m, v in t.items()}
+                    for name, t in times.items()
+                }
+                calib = (f", independent GEMMs on {n} workers ran {parallel_calibration(n):.2f}x "
+                         f"faster than on 1 (ideal {n}.00)" if n > 1 else "")
+                print(f"[run {run + 1}/{args.runs}, {n} thread(s): galpipe workers="
+                      f"{get_num_workers()}, load average {os.getloadavg()[0]:.2f} (other "
+                      f"processes compete for the CPUs when > {n}){calib}]")
+    results = {n: {name: {m: statistics.median(r[n][name][m] for r in runs) for m in v}
+                   for name, v in runs[0][n].items()} for n in threads}
 
     b = args.batch
     print()
-    print(f"batch {b}, input {INPUT_SHAPE}, median of {args.reps} x {args.steps} calls")
+    print(f"batch {b}, input {INPUT_SHAPE}, median of {args.reps} x {args.steps} calls, "
+          f"median over {args.runs} runs")
     print(f"{'threads':>7}  {'impl':<11} {'train step/s':>12} {'train img/s':>11} "
           f"{'infer img/s':>11}   {'CPU ms/train step':>17} {'CPU ms/infer batch':>18}")
     for n, res in results.items():
@@ -333,13 +451,45 @@ def main(argv: list[str] | None = None) -> int:
                   f"{1e3 * r['infer_cpu']:>18.1f}")
     if torch is not None:
         print()
-        for n, res in results.items():
-            g = res["galpipe"]
-            best_train = min(res["torch NHWC"]["train"], res["torch NCHW"]["train"])
-            best_infer = min(res["torch NHWC"]["infer"], res["torch NCHW"]["infer"])
-            print(f"ratio galpipe/PyTorch ({n} thread(s), vs the faster PyTorch layout): "
-                  f"training {best_train / g['train']:.2f}x, "
-                  f"inference {best_infer / g['infer']:.2f}x (wall clock, higher is better)")
+        print(f"ratio galpipe/PyTorch (wall clock, vs the faster PyTorch layout, higher is "
+              f"better), best and median of {args.runs} runs:")
+        print(f"{'threads':>7}  {'train best':>10} {'train median':>12}  {'infer best':>10} "
+              f"{'infer median':>12}")
+        for n in threads:
+            ratios: dict[str, list[float]] = {"train": [], "infer": []}
+            for res in (r[n] for r in runs):
+                for mode in ratios:
+                    best_torch = min(res["torch NHWC"][mode], res["torch NCHW"][mode])
+                    ratios[mode].append(best_torch / res["galpipe"][mode])
+            print(f"{n:>7}  {max(ratios['train']):>9.2f}x {statistics.median(ratios['train']):>11.2f}x"
+                  f"  {max(ratios['infer']):>9.2f}x {statistics.median(ratios['infer']):>11.2f}x")
+    if 1 in results:
+        for n in (t for t in threads if t > 1):
+            g1, gn = results[1]["galpipe"], results[n]["galpipe"]
+            print(f"galpipe scaling 1 -> {n} threads (median of runs): training "
+                  f"{g1['train'] / gn['train']:.2f}x (CPU per step {gn['train_cpu'] / g1['train_cpu']:.2f}x), "
+                  f"inference {g1['infer'] / gn['infer']:.2f}x (CPU per batch "
+                  f"{gn['infer_cpu'] / g1['infer_cpu']:.2f}x)")
+    flops_train, flops_infer = network_flops(b)
+    print()
+    for n in threads:
+        peak = sgemm_peak_gflops(n)
+        g = results[n]["galpipe"]
+        eff_t, eff_i = flops_train / g["train"] / 1e9, flops_infer / g["infer"] / 1e9
+        print(f"share of GEMM peak, {n} thread(s): sgemm 2048^3 peak {peak:.1f} GFLOP/s; galpipe "
+              f"training {eff_t:.1f} GFLOP/s ({100 * eff_t / peak:.0f}%), inference "
+              f"{eff_i:.1f} GFLOP/s ({100 * eff_i / peak:.0f}%) (FLOPs counted as direct "
+              f"convolution: {flops_train / 1e9:.2f} / {flops_infer / 1e9:.2f} GFLOP per step; "
+              f"Winograd does fewer)")
+    for n in threads:
+        with threadpool_limits(limits=n):
+            parts = time_parts(x, y, max(args.reps, 5))
+        total = sum(parts.values())
+        print()
+        print(f"time per part, {n} thread(s), one training step (median of "
+              f"{max(args.reps, 5)}; sum {total:.1f} ms):")
+        for name, ms in parts.items():
+            print(f"  {name:<44} {ms:>7.2f} ms  {100 * ms / total:>4.1f}%")
     floor_train, floor_infer = gemm_floor_seconds(b, max(args.reps, 5))
     print()
     print(f"GEMM floor (1 thread; the network's matrix products alone, cache-sized np.dot pieces, "

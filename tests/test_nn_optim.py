@@ -206,3 +206,39 @@ def test_large_parameter_split_over_workers_is_identical(name: str) -> None:
     for g in grads:
         opt.step({"W": g[:2]})
     np.testing.assert_allclose(results[0]["W"][:2], small["W"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("adam", {"weight_decay": 0.1}), ("adamw", {}), ("sgd", {"lr": 0.1, "momentum": 0.9,
+                                                              "weight_decay": 0.05})],
+)
+def test_flat_buffers_update_identically_to_per_parameter(name: str, kwargs: dict) -> None:
+    """flatten_parameters: params/grads become views of one buffer each, the optimiser takes
+    the flat path, and every step is bit-identical to the per-parameter updates."""
+    from galpipe.nn import build_model, flatten_parameters
+    from galpipe.nn.optim import flat_buffer
+
+    spec = [{"type": "conv2d", "filters": 3}, "relu", "flatten", {"type": "dense", "units": 2}]
+    flat_model, plain_model = (build_model(spec, (4, 4, 2), seed=3) for _ in range(2))
+    flat_p, flat_g = flatten_parameters(flat_model)
+    for k, p in plain_model.params.items():
+        np.testing.assert_array_equal(flat_model.params[k], p)
+        assert np.shares_memory(flat_model.params[k], flat_p)
+        assert np.shares_memory(flat_model.grads[k], flat_g)
+    flat_opt = make_optimizer(name, flat_model.params, **kwargs)
+    plain_opt = make_optimizer(name, plain_model.params, **kwargs)
+    assert flat_opt.flat is flat_p and plain_opt.flat is None
+    x = np.random.default_rng(0).standard_normal((5, 4, 4, 2)).astype(np.float32)
+    for _ in range(3):
+        for model, opt in ((flat_model, flat_opt), (plain_model, plain_opt)):
+            y = model.forward(x, training=True)
+            model.backward(np.ones_like(y) * 0.1)
+            opt.step(model.grads)
+        assert flat_buffer(flat_model.grads) is flat_g  # layers wrote into the flat grads
+        for k, p in plain_model.params.items():
+            np.testing.assert_array_equal(flat_model.params[k], p)
+    state = flat_opt.state_dict()
+    for k, v in plain_opt.state_dict().items():
+        np.testing.assert_array_equal(state[k], v)
+    flat_opt.load_state_dict(plain_opt.state_dict())  # per-key views of the flat slots

@@ -71,7 +71,15 @@ from galpipe.nn.layers import (
 )
 from galpipe.nn.losses import SoftmaxCrossEntropy, log_softmax, softmax
 from galpipe.nn.model import Residual, Sequential, build_model, expand_spec
-from galpipe.nn.optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm, make_optimizer
+from galpipe.nn.optim import (
+    SGD,
+    Adam,
+    AdamW,
+    Optimizer,
+    clip_grad_norm,
+    flatten_parameters,
+    make_optimizer,
+)
 from galpipe.nn.persist import load_model, read_model_info, save_model
 from galpipe.nn.schedules import make_schedule
 from galpipe.nn.summary import summary, summary_rows
@@ -108,6 +116,7 @@ __all__ = [
     "check_loss_gradients",
     "clip_grad_norm",
     "expand_spec",
+    "flatten_parameters",
     "get_num_workers",
     "glorot_normal",
     "glorot_uniform",

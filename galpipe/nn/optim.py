@@ -61,9 +61,18 @@ class Optimizer:
         self.params: dict[str, np.ndarray] = dict(params)
         self.lr = _check_scalar(lr, "optimizer: lr")
         self.t = 0
-        self.buffers: dict[str, dict[str, np.ndarray]] = {
-            slot: {k: np.zeros_like(p) for k, p in self.params.items()} for slot in self.slots
-        }
+        #: The one flat buffer every parameter is a view of (see :func:`flatten_parameters`),
+        #: or None: then parameters are updated one by one.
+        self.flat: np.ndarray | None = flat_buffer(self.params)
+        self.buffers: dict[str, dict[str, np.ndarray]] = {}
+        self._flat_buffers: dict[str, np.ndarray] = {}
+        for slot in self.slots:
+            if self.flat is not None:
+                self._flat_buffers[slot] = np.zeros_like(self.flat)
+                self.buffers[slot] = _views(self._flat_buffers[slot], self.params)
+            else:
+                self.buffers[slot] = {k: np.zeros_like(p) for k, p in self.params.items()}
+        self._segments = [] if self.flat is None else _segments(self.params)
 
     def _grads_for(self, grads: Mapping[str, np.ndarray]) -> None:
         missing = [k for k in self.params if k not in grads]
@@ -81,6 +90,10 @@ class Optimizer:
         self._grads_for(grads)
         rate = self.lr if lr is None else _check_scalar(lr, "optimizer.step: lr")
         self.t += 1
+        flat_g = flat_buffer(grads, list(self.params)) if self.flat is not None else None
+        if flat_g is not None and flat_g.dtype == self.flat.dtype:
+            self._step_flat(flat_g, rate)
+            return
         for k, p in self.params.items():
             g = np.asarray(grads[k], dtype=p.dtype)
             if p.size < _PARALLEL_MIN or not (p.flags.c_contiguous and g.flags.c_contiguous):
@@ -95,12 +108,37 @@ class Optimizer:
 
             parallel_chunks(work, p.size, min_chunk=_PARALLEL_MIN // 2)
 
+    def _step_flat(self, g: np.ndarray, rate: float) -> None:
+        """One step on the flat parameter buffer from the flat gradient buffer ``g``: a few
+        in-place ufuncs over the whole buffer (split over the workers), the same float32
+        operations as the per-parameter path (identical results)."""
+        p = self.flat
+        assert p is not None
+        wd = float(getattr(self, "weight_decay", 0.0))
+        decayed = [(lo, hi) for lo, hi, dec in self._segments if dec]
+        if wd and decayed:
+            if getattr(self, "_decoupled", False):
+                for lo, hi in decayed:
+                    p[lo:hi] *= 1.0 - rate * wd
+            else:  # L2: the decay term enters the gradient (a copy: grads stay untouched)
+                g = g.copy()
+                for lo, hi in decayed:
+                    g[lo:hi] += wd * p[lo:hi]
+
+        def work(lo: int, hi: int) -> None:
+            self._update(FLAT, p, g, rate, slice(lo, hi), decay=False)
+
+        parallel_chunks(work, p.size, min_chunk=_PARALLEL_MIN // 2)
+
     def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float, part: slice,
                 decay: bool | None = None) -> None:
-        """Update ``p[part]`` (``p``, ``g`` and the buffers viewed alike) from ``g[part]``."""
+        """Update ``p[part]`` (``p``, ``g`` and the buffers viewed alike) from ``g[part]``;
+        ``key`` :data:`FLAT` is the flat buffer of every parameter."""
         raise NotImplementedError
 
     def _buf(self, slot: str, key: str, shape: tuple[int, ...], part: slice) -> np.ndarray:
+        if key == FLAT:
+            return self._flat_buffers[slot][part]
         return self.buffers[slot][key].reshape(shape)[part]
 
     # -- state ---------------------------------------------------------------------------
@@ -206,6 +244,8 @@ class Adam(Optimizer):
         self.weight_decay = _check_scalar(weight_decay, f"{name}: weight_decay")
         super().__init__(params, lr)
         self._tmp = {k: np.empty_like(p) for k, p in self.params.items()}
+        if self.flat is not None:
+            self._tmp[FLAT] = np.empty_like(self.flat)
 
     def _update(self, key: str, p: np.ndarray, g: np.ndarray, lr: float, part: slice,
                 decay: bool | None = None) -> None:
@@ -253,6 +293,104 @@ class AdamW(Adam):
         weight_decay: float = 0.01,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+#: Key of the flat buffer in :meth:`Optimizer._update` (not a parameter name: those
+#: contain dots).
+FLAT = "<flat>"
+
+
+def flat_buffer(arrays: Mapping[str, np.ndarray], keys: list[str] | None = None
+                ) -> np.ndarray | None:
+    """The 1-D array of which ``arrays`` (in ``keys`` order, default dict order) are
+    consecutive C-contiguous views covering it exactly, or None."""
+    keys = list(arrays) if keys is None else keys
+    if not keys:
+        return None
+    first = arrays[keys[0]]
+    base = first.base
+    if not isinstance(base, np.ndarray) or base.ndim != 1 or not base.flags.c_contiguous:
+        return None
+    addr = base.__array_interface__["data"][0]
+    for k in keys:
+        a = arrays[k]
+        if a.base is not base or a.dtype != base.dtype or not a.flags.c_contiguous:
+            return None
+        if a.__array_interface__["data"][0] != addr:
+            return None
+        addr += a.nbytes
+    if addr != base.__array_interface__["data"][0] + base.nbytes:
+        return None
+    return base
+
+
+def _views(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Consecutive views of ``flat`` shaped like the arrays of ``like`` (in order)."""
+    out, lo = {}, 0
+    for k, a in like.items():
+        out[k] = flat[lo : lo + a.size].reshape(a.shape)
+        lo += a.size
+    return out
+
+
+def _segments(params: Mapping[str, np.ndarray]) -> list[tuple[int, int, bool]]:
+    """``(lo, hi, decays)`` of every parameter in the flat buffer."""
+    out, lo = [], 0
+    for p in params.values():
+        out.append((lo, lo + p.size, decays(p)))
+        lo += p.size
+    return out
+
+
+def flatten_parameters(model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Put every parameter and gradient of ``model`` (a built layer or container) into one
+    flat buffer each; the layers' ``params``/``grads`` entries become views of them.
+
+    Values are kept.  An optimiser created afterwards on ``model.params`` then updates
+    the whole model with a few ufunc calls on the flat buffers (:meth:`Optimizer.step`
+    takes this path whenever the gradients it is given are views of one buffer too).
+    Call it again after rebuilding the model.
+
+    Returns
+    -------
+    (params, grads) : tuple of numpy.ndarray
+        The flat ``(n_params,)`` buffers.
+
+    Raises
+    ------
+    ModelError
+        If the model has no parameters or mixes dtypes.
+    """
+    leaves: list[Any] = []
+
+    def walk(layer: Any) -> None:
+        kids = layer.sublayers()
+        if kids:
+            for kid in kids:
+                walk(kid)
+        elif layer.params:
+            leaves.append(layer)
+
+    walk(model)
+    if not leaves:
+        raise ModelError("flatten_parameters: the model has no parameters")
+    dtypes = {p.dtype for layer in leaves for p in layer.params.values()}
+    if len(dtypes) != 1:
+        raise ModelError(f"flatten_parameters: parameters of several dtypes {sorted(map(str, dtypes))}")
+    dt = dtypes.pop()
+    total = sum(p.size for layer in leaves for p in layer.params.values())
+    flat_p, flat_g = np.empty(total, dt), np.empty(total, dt)
+    lo = 0
+    for layer in leaves:
+        for k in list(layer.params):
+            p, g = layer.params[k], layer.grads.get(k)
+            hi = lo + p.size
+            flat_p[lo:hi] = p.reshape(-1)
+            flat_g[lo:hi] = 0.0 if g is None else g.reshape(-1)
+            layer.params[k] = flat_p[lo:hi].reshape(p.shape)
+            layer.grads[k] = flat_g[lo:hi].reshape(p.shape)
+            lo = hi
+    return flat_p, flat_g
 
 
 #: Optimiser name (as in the config) -> class.

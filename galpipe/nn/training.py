@@ -62,7 +62,7 @@ from galpipe.nn.arrays import assign_arrays, read_npz
 from galpipe.nn.augment import random_augment
 from galpipe.nn.data import STREAM_AUGMENT, STREAM_DROPOUT, Dataset, epoch_rng
 from galpipe.nn.losses import SoftmaxCrossEntropy, log_softmax
-from galpipe.nn.optim import clip_grad_norm, make_optimizer
+from galpipe.nn.optim import clip_grad_norm, flatten_parameters, make_optimizer
 from galpipe.nn.schedules import make_schedule
 
 logger = logging.getLogger(__name__)
@@ -660,6 +660,9 @@ def _setup(model: Any, train_ds: Dataset, cfg: TrainConfig, emit: Callable[[str]
             emit(f"warning: classes {np.flatnonzero(counts == 0).tolist()} have no training rows")
     loss_fn = SoftmaxCrossEntropy(class_weights=weights, label_smoothing=cfg.label_smoothing)
     opt_kwargs = {**cfg.optimizer_kwargs, "weight_decay": cfg.weight_decay}
+    # one flat buffer for the parameters and one for the gradients (values kept): the
+    # optimiser then updates the whole model with a few ufunc calls
+    flatten_parameters(model)
     try:
         optimizer = make_optimizer(cfg.optimizer, model.params, lr=cfg.lr, **opt_kwargs)
     except ModelError as exc:

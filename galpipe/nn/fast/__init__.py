@@ -15,6 +15,12 @@ Modules:
   ``set_num_workers``), BLAS thread control, scratch-buffer cache;
 * :mod:`~galpipe.nn.fast.conv` -- cache-blocked im2col convolution, fused with
   ``relu`` / ``relu`` + 2x2 ``maxpool2d``;
+* :mod:`~galpipe.nn.fast.winograd` -- Winograd F(2x2, 3x3) for 3x3 stride-1 'same'
+  convolutions with at least 16 input channels (same fusions), chosen by
+  ``ConvStep.fuse``;
+* :mod:`~galpipe.nn.fast.s2d` -- few-channel 3x3 convolutions (the first layer on RGB
+  input) fused with ``relu`` + 2x2 ``maxpool2d``: one GEMM per pooling window over
+  space-to-depth patches;
 * :mod:`~galpipe.nn.fast.pool` -- separable max pooling, ``relu`` + ``maxpool2d``;
 * :mod:`~galpipe.nn.fast.dense`, :mod:`~galpipe.nn.fast.elementwise` -- threaded
   dense layer and ReLU.

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -56,6 +56,10 @@ from galpipe.nn.fast.threads import (
     plan_chunks,
     sum_arrays,
 )
+
+if TYPE_CHECKING:
+    from galpipe.nn.fast.s2d import SpaceToDepthStep
+    from galpipe.nn.fast.winograd import WinogradStep
 
 #: Target size in bytes of one im2col scratch matrix: the batch is processed in
 #: pieces of samples small enough for the patches to stay in cache between the
@@ -148,6 +152,19 @@ def im2col_t(
             dest[i, j] = src.transpose(3, 0, 1, 2)
 
 
+
+def checked_input(conv: Conv2D, x: np.ndarray) -> np.ndarray:
+    """``x`` ``(N, H, W, C)`` as a C-contiguous array, after checking it fits ``conv``'s input shape.
+
+    Raises
+    ------
+    ModelError
+        ``x`` is not 4-d or its per-sample shape is not ``conv.input_shape``.
+    """
+    if x.ndim != 4 or x.shape[1:] != conv.input_shape:
+        raise ModelError(f"conv2d: expects input of per-sample shape {conv.input_shape}, got {x.shape[1:]}")
+    return np.ascontiguousarray(x)
+
 class ConvStep:
     """Fast execution of a built :class:`~galpipe.nn.conv.Conv2D`, optionally fused.
 
@@ -183,16 +200,29 @@ class ConvStep:
         self._full_corr = conv.stride == (1, 1) and max(pt, pb) < kh and max(pl, pr) < kw
 
     @classmethod
-    def fuse(cls, conv: Conv2D, following: Sequence[Layer]) -> ConvStep:
+    def fuse(cls, conv: Conv2D, following: Sequence[Layer]
+             ) -> ConvStep | WinogradStep | SpaceToDepthStep:
         """The step for ``conv`` and what it can fuse of the ``following`` layers:
-        a ``fusion_tag`` of ``"relu"``, then possibly ``"maxpool2x2"``."""
+        a ``fusion_tag`` of ``"relu"``, then possibly ``"maxpool2x2"``.
+
+        3x3 stride-1 'same' convolutions with enough input channels
+        (:func:`galpipe.nn.fast.winograd.eligible`) run as Winograd F(2x2, 3x3)
+        (:class:`~galpipe.nn.fast.winograd.WinogradStep`); few-channel ones fused with
+        ``relu`` + 2x2 max-pool as one GEMM per pooling window
+        (:class:`~galpipe.nn.fast.s2d.SpaceToDepthStep`); the others as im2col.
+        """
+        from galpipe.nn.fast import s2d, winograd
+
+        make = winograd.WinogradStep if winograd.eligible(conv) else cls
         tags = [layer.fusion_tag for layer in following[:2]]
         if tags[:1] != ["relu"]:
-            return cls(conv)
+            return make(conv)
         ho, wo = conv._out_hw
         if tags[1:] == ["maxpool2x2"] and ho % 2 == 0 and wo % 2 == 0:
-            return cls(conv, "relu_pool")
-        return cls(conv, "relu")
+            if s2d.eligible(conv, "relu_pool"):
+                return s2d.SpaceToDepthStep(conv, "relu_pool")
+            return make(conv, "relu_pool")
+        return make(conv, "relu")
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Convolve ``x`` ``(N, H, W, C)`` (then ReLU / pool as fused)."""
@@ -283,12 +313,7 @@ class ConvStep:
         with the pool)."""
         conv = self.conv
         conv._ensure_built(x)
-        if x.ndim != 4 or x.shape[1:] != conv.input_shape:
-            raise ModelError(
-                f"conv2d: expects input of per-sample shape {conv.input_shape}, "
-                f"got {x.shape[1:]}"
-            )
-        x = np.ascontiguousarray(x)
+        x = checked_input(conv, x)
         ctx = self._forward_context(x, training, post)
 
         def work(k: int, lo: int, hi: int) -> None:
