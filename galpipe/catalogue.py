@@ -146,23 +146,83 @@ def read_catalogue(path: str | os.PathLike[str], *, allow_empty: bool = False) -
     return check_catalogue(df, where=f"catalogue {path}", allow_empty=allow_empty)
 
 
-def shard_catalogue(df: pd.DataFrame, n_shards: int) -> list[pd.DataFrame]:
+def shard_catalogue(df: pd.DataFrame, n_shards: int, *, group_columns: Sequence[str] = ()) -> list[pd.DataFrame]:
     """Split a catalogue into ``n_shards`` balanced, deterministic shards.
 
-    Rows are ordered by ``objid`` and dealt round-robin, so shard sizes differ by
-    at most one and a galaxy's shard depends only on its rank in the catalogue.
-    Shards may be empty when there are fewer galaxies than shards.
+    Without ``group_columns``, rows are ordered by ``objid`` and dealt
+    round-robin, so shard sizes differ by at most one and a galaxy's shard
+    depends only on its rank in the catalogue.
+
+    With ``group_columns`` (a source's ``shard_group_columns``, e.g. the SDSS
+    field ``run, rerun, camcol, field``), the rows of one group always land in
+    the same shard, so a job fetches each of its frames once and no two jobs
+    fetch the same frame.  Groups are dealt largest first (ties: smaller key
+    first) to the shard holding the fewest galaxies so far (ties: lower shard
+    index); shard sizes then differ by at most the largest group's size.
+
+    Either way each shard is ordered by ``objid``, the result depends only on
+    the catalogue's content (not its row order), and shards may be empty when
+    there are fewer galaxies (or groups) than shards.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The catalogue (``objid`` plus ``group_columns``), ``n_rows`` rows.
+    n_shards : int
+        Number of shards (>= 1).
+    group_columns : sequence of str
+        Columns whose values tie galaxies to one shard; empty for per-galaxy dealing.
+
+    Returns
+    -------
+    list of pandas.DataFrame
+        ``n_shards`` tables with the columns of ``df`` and index reset; together
+        they hold every row once.
+
+    Raises
+    ------
+    DataError
+        ``n_shards`` < 1, or a group column missing or with missing values.
     """
     if n_shards < 1:
         raise DataError(f"number of shards must be >= 1, got {n_shards}")
     ordered = df.sort_values("objid", kind="stable").reset_index(drop=True)
-    return [ordered.iloc[i::n_shards].reset_index(drop=True) for i in range(n_shards)]
+    if not group_columns:
+        return [ordered.iloc[i::n_shards].reset_index(drop=True) for i in range(n_shards)]
+    cols = list(group_columns)
+    missing = [c for c in cols if c not in ordered.columns]
+    if missing:
+        raise DataError(f"catalogue: cannot group shards by {cols}: missing column(s) {missing}")
+    for c in cols:
+        if ordered[c].isna().any():
+            first = ordered.loc[ordered[c].isna(), "objid"].iloc[0]
+            raise DataError(f"catalogue: objid {first}: column {c!r} is missing; shards are grouped by {cols}")
+    groups = ordered.groupby(cols, sort=True).indices  # key -> row positions (ascending objid)
+    # largest group first, then by key: a deterministic order independent of the input row order
+    order = sorted(groups, key=lambda key: (-len(groups[key]), key))
+    loads = [0] * n_shards
+    members: list[list[np.ndarray]] = [[] for _ in range(n_shards)]
+    for key in order:
+        target = min(range(n_shards), key=lambda i: (loads[i], i))
+        members[target].append(groups[key])
+        loads[target] += len(groups[key])
+    out = []
+    for rows in members:
+        idx = np.sort(np.concatenate(rows)) if rows else np.array([], dtype=np.int64)
+        out.append(ordered.iloc[idx].reset_index(drop=True))
+    return out
 
 
 def write_shards(df: pd.DataFrame, paths: Sequence[str | os.PathLike[str]],
-                 provenance: Mapping[str, Any]) -> list[Path]:
-    """Write :func:`shard_catalogue` of ``df`` to ``paths`` (one per shard)."""
+                 provenance: Mapping[str, Any], *, group_columns: Sequence[str] = ()) -> list[Path]:
+    """Write :func:`shard_catalogue` of ``df`` (grouped by ``group_columns``) to ``paths`` (one per shard).
+
+    Each shard's metadata records ``shard`` = ``[index, n_shards]`` and
+    ``shard_group_columns`` (the grouping used, empty for per-galaxy dealing).
+    """
     out = []
-    for i, (part, p) in enumerate(zip(shard_catalogue(df, len(paths)), paths, strict=True)):
-        out.append(write_table(part, p, {"provenance": dict(provenance), "shard": [i, len(paths)]}))
+    parts = shard_catalogue(df, len(paths), group_columns=group_columns)
+    for i, (part, p) in enumerate(zip(parts, paths, strict=True)):
+        out.append(write_table(part, p, {"provenance": dict(provenance), "shard": [i, len(paths)],
+                                         "shard_group_columns": list(group_columns)}))
     return out

@@ -157,12 +157,13 @@ def _parse_map(items: Sequence[str] | None) -> dict[str, str | None]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from galpipe.predict import predict_input
+    from galpipe.predict import output_paths, predict_input
 
     df = predict_input(args.model, args.input, args.output, tta=args.tta, mc_dropout=args.mc_dropout,
                        config=args.config, crop_fraction=args.crop_fraction, seed=args.seed,
-                       cache_dir=args.cache_dir)
-    print(f"{len(df)} predictions -> {args.output}")
+                       cache_dir=args.cache_dir, force=args.force)
+    others = [str(p) for p in output_paths(args.output).values() if p != Path(args.output)]
+    print(f"{len(df)} predictions -> {args.output} (also {', '.join(others)})")
     return 0
 
 
@@ -181,74 +182,162 @@ def cmd_fake_skyserver(argv: list[str]) -> int:
     return int(fake_main(argv) or 0)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default and the examples epilog kept as written.
+
+    An option that takes a value and has a default other than None gets
+    `` (default: X)`` appended, unless its help already says it; a flag
+    (``store_true``) is off unless given, so it shows no default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "(default:" in text or action.default in (None, argparse.SUPPRESS)
+                or action.nargs == 0 or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _examples(*lines: str) -> str:
+    """An ``Examples:`` epilog, one command per line."""
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="galpipe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="galpipe", description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
+        epilog=_examples("galpipe validate-config --config config/config.yaml",
+                         "galpipe predict --model results/models/small_cnn galaxies/ --output predictions.csv",
+                         "galpipe COMMAND --help      # the options and examples of one command"))
     p.add_argument("--version", action="version", version=f"galpipe {__version__}")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of the one-line message "
                         "(also: GALPIPE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func, help_: str, config: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def add(name: str, func, help_: str, examples: Sequence[str], config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=_examples(*examples),
+                            formatter_class=HelpFormatter)
         sp.set_defaults(func=func)
         if config:
-            sp.add_argument("--config", default="config/config.yaml", help="config YAML (default: %(default)s)")
+            sp.add_argument("--config", default="config/config.yaml", metavar="YAML",
+                            help="the pipeline config file (validated against galpipe's schema)")
         return sp
 
-    add("validate-config", cmd_validate, "validate a config file and every experiment's architecture")
-    sp = add("catalogue", cmd_catalogue, "build the catalogue of the configured source and its shards")
-    sp.add_argument("--output", default=PATHS["catalogue"], help="catalogue Parquet (default: %(default)s)")
-    sp.add_argument("--shard-dir", default=str(Path(PATHS["shard"]).parent),
-                    help="folder of the shard files (default: %(default)s)")
-    sp = add("cutouts", cmd_cutouts, "make/fetch the FITS cutouts of one catalogue shard")
-    sp.add_argument("--shard", required=True)
-    sp.add_argument("--output", required=True, help="manifest Parquet")
-    sp = add("normalise", cmd_normalise, "normalise the cutouts of one shard to float32 arrays")
-    for a in ("--manifest", "--shard", "--output", "--rejects"):
-        sp.add_argument(a, required=True)
-    sp = add("split", cmd_split, "split normalised shards into train/validation/test Parquet")
-    sp.add_argument("--output-dir", default=str(Path(PATHS["split_summary"]).parent),
-                    help="folder of the split files (default: %(default)s)")
-    sp.add_argument("inputs", nargs="+")
-    sp = add("train", cmd_train, "train one experiment of the config")
-    sp.add_argument("--experiment", required=True)
-    sp.add_argument("--train", default=PATHS["split"].format(split="train"), help="default: %(default)s")
-    sp.add_argument("--validation", default=PATHS["split"].format(split="validation"), help="default: %(default)s")
-    sp.add_argument("--output-dir", required=True)
+    shard0 = PATHS["shard"].format(shard="0000")
+    manifest0 = PATHS["manifest"].format(shard="0000")
+    normalised0 = PATHS["normalised"].format(shard="0000")
+    add("validate-config", cmd_validate, "validate a config file and every experiment's architecture",
+        ["galpipe validate-config", "galpipe validate-config --config config/gz1-sdss-jpeg.yaml"])
+
+    sp = add("catalogue", cmd_catalogue, "build the catalogue of the configured source and its shards",
+             ["galpipe catalogue", "galpipe catalogue --config config/sdss.yaml --output results/sdss/"
+              "catalogue/catalogue.parquet --shard-dir results/sdss/catalogue/shards"])
+    sp.add_argument("--output", default=PATHS["catalogue"], metavar="PARQUET", help="the catalogue file to write")
+    sp.add_argument("--shard-dir", default=str(Path(PATHS["shard"]).parent), metavar="DIR",
+                    help="folder of the shard files (config key 'shards' sets how many)")
+
+    sp = add("cutouts", cmd_cutouts, "make/fetch the FITS cutouts of one catalogue shard",
+             [f"galpipe cutouts --shard {shard0} --output {manifest0}",
+              f"galpipe cutouts --config config/sdss.yaml --shard {shard0} --output {manifest0}"])
+    sp.add_argument("--shard", required=True, metavar="PARQUET", help="the catalogue shard to make cutouts of")
+    sp.add_argument("--output", required=True, metavar="PARQUET",
+                    help="the manifest to write: every galaxy's cutout path, or why it failed")
+
+    sp = add("normalise", cmd_normalise, "normalise the cutouts of one shard to float32 arrays",
+             [f"galpipe normalise --manifest {manifest0} --shard {shard0} --output {normalised0} "
+              f"--rejects {PATHS['rejects'].format(shard='0000')}"])
+    sp.add_argument("--manifest", required=True, metavar="PARQUET", help="the shard's cutouts manifest (cutouts)")
+    sp.add_argument("--shard", required=True, metavar="PARQUET", help="the catalogue shard (labels, positions)")
+    sp.add_argument("--output", required=True, metavar="PARQUET", help="the normalised images to write")
+    sp.add_argument("--rejects", required=True, metavar="PARQUET",
+                    help="where to list the galaxies rejected, with the reason")
+
+    sp = add("split", cmd_split, "split normalised shards into train/validation/test Parquet",
+             [f"galpipe split {Path(normalised0).parent}/*.parquet",
+              "galpipe split --config config/sdss.yaml --output-dir results/sdss/split "
+              "results/sdss/normalised/0000.parquet"])
+    sp.add_argument("--output-dir", default=str(Path(PATHS["split_summary"]).parent), metavar="DIR",
+                    help="folder of the split files and summary.json")
+    sp.add_argument("inputs", nargs="+", metavar="NORMALISED", help="normalised shard files (normalise)")
+
+    sp = add("train", cmd_train, "train one experiment of the config",
+             ["galpipe train --experiment small_cnn --output-dir results/models/small_cnn",
+              "galpipe train --config config/gz1-sdss-jpeg.yaml --experiment vgg_like "
+              "--train results/gz1-sdss-jpeg/split/train.parquet "
+              "--validation results/gz1-sdss-jpeg/split/validation.parquet --output-dir models/vgg_like"])
+    sp.add_argument("--experiment", required=True, metavar="NAME", help="an experiment named in the config")
+    sp.add_argument("--train", default=PATHS["split"].format(split="train"), metavar="PARQUET",
+                    help="the training split")
+    sp.add_argument("--validation", default=PATHS["split"].format(split="validation"), metavar="PARQUET",
+                    help="the validation split (chooses the best epoch, early stopping)")
+    sp.add_argument("--output-dir", required=True, metavar="DIR",
+                    help="model folder to write: model.json, weights.npz, history.csv, train_info.json")
+
     sp = add("evaluate", cmd_evaluate, "score a trained model on a test split or an external labelled image set",
-             config=False)
-    sp.add_argument("--model", required=True, help="model directory (model.json + weights.npz)")
-    sp.add_argument("--test", help="a split Parquet file")
-    sp.add_argument("--images", help="folder of images (JPEG/PNG/FITS)")
-    sp.add_argument("--labels", help="labels CSV for --images")
-    sp.add_argument("--id-column", default="objid")
-    sp.add_argument("--label-column", default="label")
-    sp.add_argument("--path-column", default="image")
-    sp.add_argument("--label-map", nargs="*", metavar="RAW=CLASS")
-    sp.add_argument("--crop-fraction", type=float, default=None)
-    sp.add_argument("--output-dir", required=True)
+             ["galpipe evaluate --model results/models/small_cnn --test results/split/test.parquet "
+              "--output-dir eval/small_cnn",
+              "galpipe evaluate --model results/gz1-sdss-jpeg/models/vgg_like --images gz1/ --labels gz1/labels.csv "
+              "--label-column gz1_class_name --label-map spiral_cw=spiral spiral_acw=spiral merger= "
+              "--output-dir eval/gz1"], config=False)
+    sp.add_argument("--model", required=True, metavar="DIR", help="model directory (model.json + weights.npz)")
+    sp.add_argument("--test", metavar="PARQUET",
+                    help="a split Parquet file (made by the split stage); give it, or --images and --labels")
+    sp.add_argument("--images", metavar="DIR", help="folder of images (JPEG/PNG/FITS); needs --labels")
+    sp.add_argument("--labels", metavar="CSV", help="labels CSV for --images: an id, a label and a file per row")
+    sp.add_argument("--id-column", default="objid", metavar="NAME", help="the labels CSV's id column")
+    sp.add_argument("--label-column", default="label", metavar="NAME", help="the labels CSV's label column")
+    sp.add_argument("--path-column", default="image", metavar="NAME",
+                    help="the labels CSV's image file column (relative to --images)")
+    sp.add_argument("--label-map", nargs="*", metavar="RAW=CLASS",
+                    help="map the CSV's labels to the model's classes; RAW= drops those rows "
+                         "(default: labels must already be class names)")
+    sp.add_argument("--crop-fraction", type=float, default=None, metavar="F",
+                    help="centre crop of the images, fraction of the shorter side "
+                         "(default: the model's preprocess.crop_fraction)")
+    sp.add_argument("--output-dir", required=True, metavar="DIR",
+                    help="where metrics.json, predictions.parquet and figures/ go")
     sp.add_argument("--no-tta", action="store_true", help="skip the test-time-augmentation evaluation")
-    sp.add_argument("--mc-dropout", type=int, default=None,
+    sp.add_argument("--mc-dropout", type=int, default=None, metavar="N",
                     help="Monte Carlo dropout passes (default: the config schema's evaluate.mc_dropout)")
-    sp.add_argument("--n-bootstrap", type=int, default=None,
-                    help="bootstrap resamples (default: the config schema's evaluate.n_bootstrap)")
+    sp.add_argument("--n-bootstrap", type=int, default=None, metavar="N",
+                    help="bootstrap resamples for the confidence intervals "
+                         "(default: the config schema's evaluate.n_bootstrap)")
     sp.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the config schema's seed)")
-    sp = add("predict", cmd_predict, "classify a FITS/JPEG file, a folder of them, or a catalogue", config=False)
-    sp.add_argument("--model", required=True)
-    sp.add_argument("input")
-    sp.add_argument("--output", default="predictions.csv", help=".csv or .parquet")
-    sp.add_argument("--tta", action="store_true")
-    sp.add_argument("--mc-dropout", type=int, default=0)
-    sp.add_argument("--config", default=None, help="config whose source fetches cutouts for a catalogue input")
-    sp.add_argument("--crop-fraction", type=float, default=None)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--cache-dir", default=CUTOUT_CACHE_ROOT,
-                    help="where a catalogue input's cutouts are cached (default: the pipeline's cache, "
-                         "relative to the current directory)")
-    sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs", config=False)
-    sp.add_argument("--model", required=True)
-    sub.add_parser("fake-skyserver", help="run the offline stand-in SkyServer/SAS on 127.0.0.1", add_help=False)
+
+    sp = add("predict", cmd_predict, "classify a FITS/JPEG file, a folder of them, or a catalogue",
+             ["galpipe predict --model results/models/small_cnn cutouts/ --output predictions.csv",
+              "galpipe predict --model results/gz1-sdss-jpeg/models/vgg_like gz1/587722981741363294.jpg --tta",
+              "galpipe predict --model results/sdss/models/small_cnn new_galaxies.csv --config config/sdss.yaml "
+              "--output new.parquet"], config=False)
+    sp.add_argument("--model", required=True, metavar="DIR", help="model directory (model.json + weights.npz)")
+    sp.add_argument("input", metavar="INPUT",
+                    help="an image file (FITS/JPEG/PNG), a folder of them, or a catalogue (.csv/.parquet with "
+                         "objid, ra, dec, ...) whose cutouts --config's source fetches")
+    sp.add_argument("--output", default="predictions.csv", metavar="FILE",
+                    help=".csv, .parquet, .ecsv or .fits; an ECSV and a FITS table (astropy, with units and the "
+                         "model's provenance) are also written beside it, with the same name")
+    sp.add_argument("--force", action="store_true",
+                    help="classify inputs that do not match the model's input contract (channels, bands, pixel "
+                         "unit, pixel scale); the differences are recorded as warnings in the output's metadata")
+    sp.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips of each image")
+    sp.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                    help="Monte Carlo dropout passes, adding std_<class> columns; 0 turns it off")
+    sp.add_argument("--config", default=None, metavar="YAML",
+                    help="config whose source fetches the cutouts of a catalogue INPUT (needed for one)")
+    sp.add_argument("--crop-fraction", type=float, default=None, metavar="F",
+                    help="centre crop of the images, fraction of the shorter side "
+                         "(default: the model's preprocess.crop_fraction)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
+    sp.add_argument("--cache-dir", default=CUTOUT_CACHE_ROOT, metavar="DIR",
+                    help="where a catalogue input's cutouts are cached (the pipeline's cache, relative to the "
+                         "current directory)")
+
+    sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs",
+             ["galpipe summary --model results/models/small_cnn"], config=False)
+    sp.add_argument("--model", required=True, metavar="DIR", help="model directory (model.json + weights.npz)")
+    sub.add_parser("fake-skyserver", help="run the offline stand-in SkyServer/SAS on 127.0.0.1 "
+                                          "(galpipe fake-skyserver --help: its options)", add_help=False)
     return p
 
 

@@ -332,6 +332,18 @@ def _sdss_source_checks(cfg: Mapping[str, Any]) -> None:
     if provider == "sdss-frames" and not set(bands) <= set(_SDSS_BANDS):
         raise ConfigError(f"config key 'bands': the sdss-frames provider (sdss.cutouts.provider) needs SDSS bands "
                           f"from {list(_SDSS_BANDS)} (got {bands})")
+    cutouts = cfg["sdss"]["cutouts"]
+    if provider == "skyserver-jpeg" and cutouts["jpeg_scale_mode"] == "fixed":
+        from galpipe.sources.sdss_cutouts import JPEG_SCALE_LIMITS, jpeg_cutout_scale_limits, jpeg_side
+
+        size, scale = int(cfg["cutout_size"]), float(cutouts["jpeg_scale"])
+        lo, hi = jpeg_cutout_scale_limits(size)
+        if not lo <= scale <= hi:
+            raise ConfigError(
+                f"config key 'sdss.cutouts.jpeg_scale': {scale} arcsec/pixel at cutout_size {size} means asking "
+                f"SkyServer ImgCutout for {jpeg_side(size)} pixels at {scale * size / jpeg_side(size):.6g} "
+                f"arcsec/pixel, outside its limits {list(JPEG_SCALE_LIMITS)}; at this cutout_size use "
+                f"{lo:.6g}..{hi:.6g}")
 
 
 def _simulated_source_checks(cfg: Mapping[str, Any]) -> None:

@@ -672,7 +672,8 @@ def gallery_figure(
     matplotlib.figure.Figure
         ``ceil(N / ncols)`` rows of ``min(ncols, N)`` Axes; tile ``i`` (row-major)
         shows ``to_rgb(images[i], bands)`` (``images[0]``, shape (H, W, 3))
-        with ``titles[i]`` as its x label; unused tiles are switched off.
+        with ``origin="lower"`` (north up, east left) and ``titles[i]`` as its
+        x label; unused tiles are switched off.
     """
     imgs = _as_float_array(images, "images")
     if imgs.ndim != 4:
@@ -701,7 +702,8 @@ def gallery_figure(
             if idx >= n:
                 ax.set_axis_off()
                 continue
-            ax.imshow(to_rgb(imgs[idx], bands), interpolation="nearest")
+            # cutout rows are in FITS order (row 0 = south, galpipe.io.cutout_fits): north up, east left
+            ax.imshow(to_rgb(imgs[idx], bands), interpolation="nearest", origin="lower")
             ax.set_xlabel(str(titles[idx]), fontsize=7, linespacing=1.1)
         if title:
             fig.suptitle(title)
@@ -723,7 +725,10 @@ def plot_gallery(
     Parameters
     ----------
     images : array-like of float, shape (N, H, W, C)
-        Normalised cutouts, channels-last; each is shown with :func:`to_rgb`.
+        Normalised cutouts, channels-last, rows in FITS order (row 0 = south, the
+        convention of :mod:`galpipe.io.cutout_fits`); each is shown with
+        :func:`to_rgb` and ``origin="lower"``, so north is up and east left, as
+        on SkyServer's JPEG of the same object.
     bands : sequence of str, length C
         Band names.
     titles : list of str, length N

@@ -174,6 +174,7 @@ class SdssQuery(Section):
     backoff_base_s: float
     backoff_max_s: float
     max_junk_retries: int
+    rate_limit_wait_s: float
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class SdssCutouts(Section):
     provider: str
     cache_max_mb: float | None
     frame_shape: tuple[int, int] | None
+    max_fill_fraction: float
     jpeg_scale_mode: str
     jpeg_scale: float
     jpeg_span_r90: float

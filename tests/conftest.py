@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,16 @@ def gz1_dir() -> Path:
     if not (GZ1_DIR / "labels.csv").is_file():
         pytest.skip(f"real GZ1 SDSS JPEG set not found at {GZ1_DIR} (only on CI/dev machines)")
     return GZ1_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rate_budget_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Shared request budgets (galpipe.sources.ratelimit) go to a session folder, not ./resources.
+
+    Each stand-in server has its own port, hence its own budget file; without this the
+    suite would leave them in the checkout's resources/sdss/rate.  Tests that need a
+    particular folder set GALPIPE_RATE_DIR themselves (monkeypatch), or pass a state_dir.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GALPIPE_RATE_DIR", str(tmp_path_factory.mktemp("rate")))
+        yield

@@ -224,6 +224,10 @@ def _normalised_bytes(path: Path) -> bytes:
     if name == "leaderboard.html":  # the leaderboard as HTML: drop the training-time column
         text = path.read_text(encoding="utf-8")
         return _strip_html_column(text, "training time (s)").encode()
+    if name.endswith(".fits"):  # cutouts: DATE and the checksums that quote it are wall-clock
+        from galpipe.io.cutout_fits import stable_fits_bytes
+
+        return stable_fits_bytes(path)
     return path.read_bytes()
 
 

@@ -66,6 +66,57 @@ def test_shards_are_balanced_deterministic_and_complete(tmp_path: Path) -> None:
     assert sum(len(read_catalogue(p, allow_empty=True)) for p in paths) == 5
 
 
+def _fields_cat(n: int = 90, seed: int = 1) -> pd.DataFrame:
+    """A catalogue whose galaxies sit on SDSS fields (1 to 6 galaxies each, as a run gives them)."""
+    rng = np.random.default_rng(seed)
+    cat = _cat(n, seed)
+    sizes = rng.integers(1, 7, size=n)
+    field = np.repeat(np.arange(len(sizes)), sizes)[:n]
+    return cat.assign(run=3704, rerun=301, camcol=1 + field % 3, field=11 + field // 3)
+
+
+FIELD = ["run", "rerun", "camcol", "field"]
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 4, 7])
+def test_shards_grouped_by_field_keep_fields_whole_balanced_and_deterministic(n_shards: int) -> None:
+    """Issue 13 item 8: with the sdss-frames grouping, no field is split over shards."""
+    df = _fields_cat()
+    shards = shard_catalogue(df, n_shards, group_columns=FIELD)
+    assert len(shards) == n_shards
+    assert sorted(pd.concat(shards)["objid"]) == sorted(df["objid"])  # complete, no duplicates
+    owner: dict[tuple[int, ...], int] = {}
+    for i, part in enumerate(shards):
+        assert part["objid"].is_monotonic_increasing and list(part.columns) == list(df.columns)
+        for key in map(tuple, part[FIELD].to_numpy()):
+            assert owner.setdefault(key, i) == i, f"field {key} is in shards {owner[key]} and {i}"
+    sizes = [len(p) for p in shards]
+    largest = int(df.groupby(FIELD).size().max())
+    assert max(sizes) - min(sizes) <= largest
+    again = shard_catalogue(df.sample(frac=1, random_state=5).reset_index(drop=True), n_shards, group_columns=FIELD)
+    for a, b in zip(shards, again, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    if n_shards > 1:  # per-galaxy dealing, the old behaviour, splits fields
+        split = shard_catalogue(df, n_shards)
+        assert sum(len(p[FIELD].drop_duplicates()) for p in split) > len(owner)
+
+
+def test_grouped_shards_refuse_missing_group_columns_and_record_the_grouping(tmp_path: Path) -> None:
+    df = _fields_cat(20)
+    with pytest.raises(DataError, match="missing column"):
+        shard_catalogue(df.drop(columns=["camcol"]), 2, group_columns=FIELD)
+    holes = df.assign(field=df["field"].astype(float))
+    holes.loc[3, "field"] = np.nan
+    with pytest.raises(DataError, match=f"objid {df['objid'].iloc[3]}: column 'field' is missing"):
+        shard_catalogue(holes, 2, group_columns=FIELD)
+    paths = [tmp_path / f"{i}.parquet" for i in range(3)]
+    write_shards(df, paths, {}, group_columns=FIELD)
+    assert read_metadata(paths[0])["shard_group_columns"] == FIELD
+    assert sum(len(read_catalogue(p, allow_empty=True)) for p in paths) == 20
+    write_shards(df, paths, {})
+    assert read_metadata(paths[1])["shard_group_columns"] == [] and read_metadata(paths[1])["shard"] == [1, 3]
+
+
 def test_allocate_counts() -> None:
     assert allocate(10, [0.7, 0.15, 0.15]) == [7, 2, 1] or allocate(10, [0.7, 0.15, 0.15]) == [7, 1, 2]
     assert sum(allocate(101, [0.7, 0.15, 0.15])) == 101

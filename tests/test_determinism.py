@@ -28,6 +28,7 @@ from robust_fixtures import (
 )
 
 from galpipe.config import resolve_experiments, validate_config
+from galpipe.io.cutout_fits import stable_fits_bytes
 from galpipe.stages import (
     cutout_cache_dir,
     experiment_params,
@@ -43,7 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of a file; of a cutout without its wall-clock cards (DATE, CHECKSUM)."""
+    data = stable_fits_bytes(path) if path.suffix == ".fits" else path.read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from astropy.io import fits
 from PIL import Image
 
 from galpipe.config import build_section
-from galpipe.errors import ConfigError
+from galpipe.errors import ConfigError, DataError
 from galpipe.io.cutout_fits import read_cutout
 from galpipe.sources.download import (
     Downloader,
@@ -44,6 +44,8 @@ from galpipe.testing.fakeserver import FAULT_KINDS, FakeSkyServer, FaultSpec
 REPO = Path(__file__).resolve().parents[1]
 BANDS = ["g", "r"]
 CAT_COLUMNS = ["objid", "ra", "dec", "run", "rerun", "camcol", "field", "petroR90_r"]
+#: These tests are about fetching: keep every stamp that touches its frame (edge rules: test_sdss_cutouts).
+EVERY_STAMP = {"max_fill_fraction": 1.0}
 
 
 def _catalogue(srv: FakeSkyServer) -> pd.DataFrame:
@@ -133,8 +135,9 @@ def test_verification_rejects_bad_bodies() -> None:
                         (b"GIF89a....", "not a JPEG")]:
         with pytest.raises(VerificationError, match=match):
             parse_jpeg(body)
-    with pytest.raises(VerificationError, match="expected"):
+    with pytest.raises(DataError, match="expected 10x10") as info:  # a whole image: not retried
         parse_jpeg(jpeg, expected_size=(10, 10))
+    assert not isinstance(info.value, VerificationError)
 
 
 def test_permanent_http_errors_are_not_retried() -> None:
@@ -170,7 +173,7 @@ def test_twenty_percent_faults_of_every_kind_still_fetch_everything(tmp_path: Pa
         cat = _catalogue(srv)
         dl = {"concurrency": 4, "timeout_s": 0.4, "max_retries": 4}
         man = fetch_cutouts(cat, tmp_path / "frames", bands=BANDS, size=24,
-                            sdss=srv.params(download=dl), frame_cache_dir=tmp_path / "cache")
+                            sdss=srv.params(download=dl, cutouts=EVERY_STAMP), frame_cache_dir=tmp_path / "cache")
         params = srv.params(cutouts={"provider": "skyserver-jpeg"}, download=dl)
         man_j = fetch_cutouts(cat, tmp_path / "jpeg", bands=["red", "green", "blue"], size=24,
                               sdss=params, frame_cache_dir=tmp_path / "cache")
@@ -273,7 +276,7 @@ def test_sigkill_then_rerun_fetches_only_what_is_missing(tmp_path: Path) -> None
         cat = _catalogue(srv)
         cat.to_csv(tmp_path / "cat.csv", index=False)
         out, cache = tmp_path / "out", tmp_path / "cache"
-        params = srv.params(download={"concurrency": 1})
+        params = srv.params(download={"concurrency": 1}, cutouts=EVERY_STAMP)
         cfg = {"catalogue": str(tmp_path / "cat.csv"), "out": str(out), "cache": str(cache),
                "bands": BANDS, "params": params}
         (tmp_path / "cfg.json").write_text(json.dumps(cfg))
@@ -297,7 +300,7 @@ def test_sigkill_then_rerun_fetches_only_what_is_missing(tmp_path: Path) -> None
         assert 6 <= len(done_before) < len(cat)
         srv.latency = 0.0
         srv.clear_log()
-        man = fetch_cutouts(cat, out, bands=BANDS, size=24, sdss=srv.params(),
+        man = fetch_cutouts(cat, out, bands=BANDS, size=24, sdss=srv.params(cutouts=EVERY_STAMP),
                             frame_cache_dir=cache)
         log = srv.log
     assert (man["status"] == "ok").all()

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,13 +25,18 @@ from galpipe.sources.sdss import build_page_sql
 from galpipe.sources.sdss_cutouts import frame_url
 from galpipe.testing.fakeserver import (
     FAULT_KINDS,
+    HAPROXY_503,
     FakeSkyServer,
     FaultSpec,
     SqlError,
+    SqlNotModelled,
+    SqlRejection,
+    SqlServerError,
     execute_sql,
     format_csv,
     make_sky,
     objid_from,
+    skyserver_error_page,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +75,10 @@ def test_sql_engine_conditions() -> None:
     t = table[(table["class"] == "GALAXY") & table["ra"].between(179.99, 180.1)
               & (table["petroMag_r"] <= 17.0) & (table["objid"] > table["objid"].iloc[3])]
     assert [r[0] for r in rows] == t["objid"].head(5).tolist()
-    _, limited = execute_sql(table, sql, row_limit=2)
+    # spExecuteSQL's @limit: a TOP above it is refused, a statement without TOP gets TOP @limit
+    with pytest.raises(SqlRejection, match=r"^error: limit is  top 2 SELECT TOP 5 p\.objid"):
+        execute_sql(table, sql, row_limit=2)
+    _, limited = execute_sql(table, sql.replace("TOP 5 ", ""), row_limit=2)
     assert len(limited) == 2
     # wrapped RA range
     wrap = build_page_sql({"labels": {"scheme": "spec_class"},
@@ -80,24 +89,92 @@ def test_sql_engine_conditions() -> None:
 
 
 @pytest.mark.parametrize(
-    "sql",
+    ("sql", "kind", "message"),
     [
-        "SELECT TOP 5 p.objid FROM PhotoObj AS p WHERE p.objid > 0 OR 1=1 ORDER BY p.objid",
-        "SELECT TOP 5 p.objid FROM PhotoObj AS p WHERE p.secret > 0 ORDER BY p.objid",
-        "SELECT TOP 5 p.objid FROM Users AS u WHERE p.objid > 0",
-        "SELECT TOP 5 p.objid FROM PhotoObj AS p WHERE p.objid > 0 ORDER BY p.ra",
-        "DELETE FROM PhotoObj",
+        # what SQL Server says (binding errors against DR17's schema)
+        ("SELECT TOP 5 p.objid FROM PhotoObj AS p WHERE p.secret > 0 ORDER BY p.objid", SqlServerError,
+         "Invalid column name 'secret'."),
+        ("SELECT TOP 5 z.objid, z.gz2class FROM zoo2MainSpecz AS z", SqlServerError,
+         "Invalid column name 'objid'.\nInvalid column name 'gz2class'."),
+        ("SELECT TOP 5 p.objid FROM zooSpec AS z JOIN PhotoObj AS p ON p.objid = z.dr8objid", SqlServerError,
+         "Invalid column name 'dr8objid'."),
+        ("SELECT TOP 5 p.objid FROM Users AS u WHERE p.objid > 0", SqlServerError, "Invalid object name 'Users'."),
+        ("SELECT TOP 5 q.objid FROM PhotoObj AS p", SqlServerError,
+         'The multi-part identifier "q.objid" could not be bound.'),
+        # what spExecuteSQL refuses before running anything
+        ("DELETE FROM PhotoObj", SqlRejection, "error: must be a select statement: DELETE FROM PhotoObj "),
+        ("SELECT TOP 11 p.objid FROM PhotoObj AS p", SqlRejection,
+         "error: limit is  top 10 SELECT TOP 11 p.objid FROM PhotoObj AS p "),
+        # valid DR17 SQL beyond the stand-in: never silently ignored
+        ("SELECT TOP 5 p.objid FROM PhotoObj AS p WHERE p.objid > 0 OR 1=1 ORDER BY p.objid", SqlNotModelled,
+         "unsupported condition"),
+        ("SELECT TOP 5 p.objid FROM PhotoObj AS p WHERE p.objid > 0 ORDER BY p.ra", SqlNotModelled, "ORDER BY"),
+        ("SELECT TOP 5 p.psfMag_r FROM PhotoObj AS p", SqlNotModelled, "photoobj.psfMag_r exists in DR17"),
+        ("SELECT TOP 5 s.plate FROM SpecObjAll AS s", SqlNotModelled, "SpecObjAll is not modelled"),
     ],
 )
-def test_sql_engine_rejects_what_it_does_not_understand(sql: str) -> None:
+def test_sql_engine_answers_errors_as_the_real_stack(sql: str, kind: type[SqlError], message: str) -> None:
     table, _ = make_sky(8, seed=1, frame_shape=(96, 128))
-    with pytest.raises(SqlError):
+    with pytest.raises(kind) as err:
         execute_sql(table, sql, row_limit=10)
+    assert message in str(err.value)
+
+
+def test_modelled_columns_are_dr17_columns() -> None:
+    from galpipe.testing.dr17_columns import TABLES
+    from galpipe.testing.fakeserver import _MODELLED
+
+    dr17 = {name.lower(): {c.lower() for c in cols} for name, cols in TABLES.items()}
+    for table, columns in _MODELLED.items():
+        assert set(columns) <= dr17[table], table
+
+
+def test_sql_answers_over_http(srv: FakeSkyServer) -> None:
+    """Rows as CSV, SQL Server errors as x_results.aspx's 200 error page, spExecuteSQL
+    rejections as an error_message table, the stand-in's own gaps as 501."""
+    url = f"{srv.skyserver_url}/dr17/en/tools/search/x_results.aspx"
+
+    def get(sql: str) -> requests.Response:
+        return requests.get(url, params={"cmd": sql, "format": "csv", "searchtool": "SQL"}, timeout=10)
+
+    bad = get("SELECT TOP 1 z.gz2class FROM zoo2MainSpecz AS z")
+    assert bad.status_code == 200 and bad.headers["Content-Type"].startswith("text/html")
+    assert bad.text == skyserver_error_page("Invalid column name 'gz2class'.").decode()
+    assert "<title>Skyserver Error</title>" in bad.text and "<font color=red>Invalid column name" in bad.text
+    refused = get("SELECT TOP 500001 p.objid, p.ra FROM PhotoObj AS p")
+    assert refused.status_code == 200 and refused.text.splitlines()[:2] == ["#Table1", "error_message"]
+    assert refused.text.splitlines()[2].startswith('"error: limit is  top 500000 SELECT TOP 500001 p.objid, p.ra')
+    gap = get("SELECT TOP 1 p.psfMag_r FROM PhotoObj AS p")
+    assert gap.status_code == 501 and "stand-in" in gap.text
+
+
+def test_spexecutesql_throttle_per_client() -> None:
+    with FakeSkyServer(n_galaxies=4, seed=0, frame_shape=(64, 64), sql_max_queries=3, sql_window_s=0.5) as s:
+        url = f"{s.skyserver_url}/dr17/en/tools/search/x_results.aspx"
+        sql = "SELECT TOP 1 p.objid FROM PhotoObj AS p"
+        texts = [requests.get(url, params={"cmd": sql}, timeout=5).text for _ in range(6)]
+        # more than 3 in the window: rejected (a rejected query is not counted)
+        assert [t.splitlines()[1] for t in texts] == ["objid"] * 4 + ["error_message"] * 2
+        assert texts[4].splitlines()[2] == f"ERROR: Maximum 3 queries allowed per minute. Rejected query: {sql} "
+        time.sleep(0.55)
+        assert requests.get(url, params={"cmd": sql}, timeout=5).text.splitlines()[1] == "objid"
+    assert FakeSkyServer(n_galaxies=4, frame_shape=(64, 64))._throttle.limit == 60  # the real default
+
+
+def test_sql_endpoint_faults_take_the_real_forms() -> None:
+    sql = "SELECT TOP 1 p.objid FROM PhotoObj AS p"
+    for kind, status in (("500", 200), ("503", 503)):
+        faults = FaultSpec(rate=1.0, kinds=(kind,), max_per_path=None, endpoints=("sql",))
+        with FakeSkyServer(n_galaxies=4, seed=0, frame_shape=(64, 64), faults=faults) as s:
+            r = requests.get(f"{s.skyserver_url}/dr17/en/tools/search/x_results.aspx", params={"cmd": sql},
+                             timeout=5)
+        assert r.status_code == status and "Retry-After" not in r.headers
+        assert ("Execution Timeout Expired" in r.text) if kind == "500" else (r.content == HAPROXY_503)
 
 
 def test_csv_format() -> None:
-    body = format_csv(["objid", "ra", "g"], [[1, 0.5, "Sc"], [2, 1.25, "Er"]]).decode()
-    assert body.splitlines() == ["#Table1", "objid,ra,g", "1,0.5,Sc", "2,1.25,Er"]
+    body = format_csv(["objid", "ra", "g"], [[1, 0.5, "Sc"], [2, 1.25, "a,b"]]).decode()
+    assert body.splitlines() == ["#Table1", "objid,ra,g", "1,0.5,Sc", '2,1.25,"a,b"']
 
 
 def test_astroquery_query_sql_talks_to_it(srv: FakeSkyServer) -> None:
@@ -161,16 +238,17 @@ def test_frames_hold_galaxies_at_catalogue_positions(srv: FakeSkyServer) -> None
 def test_jpeg_endpoint(srv: FakeSkyServer) -> None:
     row = srv.table.iloc[0]
     resp = requests.get(f"{srv.skyserver_url}/dr17/SkyServerWS/ImgCutout/getjpeg",
-                        params={"ra": row["ra"], "dec": row["dec"], "scale": 0.4, "width": 40,
+                        params={"ra": row["ra"], "dec": row["dec"], "scale": 0.4, "width": 80,
                                 "height": 30}, timeout=10)
     assert resp.status_code == 200 and resp.headers["Content-Type"] == "image/jpeg"
     img = Image.open(io.BytesIO(resp.content))
-    assert img.format == "JPEG" and img.size == (40, 30) and img.mode == "RGB"
+    # ImgCutout clamps sides to [64, 2048] (tests/test_sdss_jpeg.py checks its limits in full)
+    assert img.format == "JPEG" and img.size == (80, 64) and img.mode == "RGB"
     arr = np.asarray(img).astype(float).sum(axis=2)
-    assert arr[12:18, 17:23].mean() > arr[:4, :4].mean()
+    assert arr[29:35, 37:43].mean() > arr[:4, :4].mean()
     bad = requests.get(f"{srv.skyserver_url}/dr17/SkyServerWS/ImgCutout/getjpeg",
                        params={"ra": "x"}, timeout=5)
-    assert bad.status_code == 400
+    assert bad.status_code == 400 and bad.json()["ErrorType"] == "BadRequest"
     assert requests.get(f"{srv.skyserver_url}/nothing", timeout=5).status_code == 404
 
 

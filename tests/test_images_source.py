@@ -35,6 +35,22 @@ def _folder(tmp_path: Path, n: int = 6) -> dict:
             "crop_fraction": 0.8}
 
 
+def test_text_ids_and_coordinates_are_kept(tmp_path: Path) -> None:
+    from galpipe.sources.images import build_catalogue, text_objid
+
+    (tmp_path / "l.csv").write_text("objid,cls,file,ra,dec\nNGC1000,a,x.png,10.5,-2\n7,b,y.png,,\n")
+    params = {"directory": str(tmp_path), "labels_csv": str(tmp_path / "l.csv"), "id_column": "objid",
+              "label_column": "cls", "path_column": "file", "label_map": {"a": "x", "b": "y"}}
+    for name in ("x.png", "y.png"):
+        (tmp_path / name).write_bytes(name.encode())
+    cat, _ = build_catalogue(params)
+    by_name = cat.set_index("name")
+    assert by_name.loc["NGC1000", "objid"] == text_objid("NGC1000") and by_name.loc["7", "objid"] == 7
+    assert (by_name.loc["NGC1000", "ra"], by_name.loc["NGC1000", "dec"]) == (10.5, -2.0)
+    assert np.isnan(by_name.loc["7", "ra"]) and np.isnan(by_name.loc["7", "dec"])
+    assert text_objid("NGC1000") == text_objid("NGC1000") != text_objid("NGC1001")
+
+
 def test_labels_mapping_drops_and_orders(tmp_path: Path) -> None:
     params = _folder(tmp_path)
     df = read_labels(params)
@@ -47,7 +63,11 @@ def test_labels_mapping_drops_and_orders(tmp_path: Path) -> None:
     [
         ("objid,cls\n1,a\n", "missing column"),
         ("objid,cls,file\n1,a,x.png\n1,b,y.png\n", "duplicate id"),
-        ("objid,cls,file\nabc,a,x.png\n", "row 2: id 'abc'"),
+        ("objid,cls,file\n,a,x.png\n", "row 2: the id in column 'objid' is empty"),
+        ("objid,cls,file\n1,a,x.png\n1,b,y.png\n", "duplicate id"),
+        ("objid,cls,file,ra\n1,a,x.png,10\n", "no 'dec' column"),
+        ("objid,cls,file,ra,dec\n1,a,x.png,10,\n", "give both or neither"),
+        ("objid,cls,file,ra,dec\n1,a,x.png,400,1\n", "outside"),
         ("objid,cls,file\n1,zzz,x.png\n", "row 2: label 'zzz' is not in images.label_map"),
         ("objid,cls,file\n1,a,../../etc/passwd\n", "escapes"),
         ("objid,cls,file\n1,a,/etc/passwd\n", "relative"),

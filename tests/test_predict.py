@@ -408,11 +408,14 @@ def test_wrong_channel_count_and_empty_folder(sim: SimpleNamespace, tmp_path: Pa
     write_cutout(one_band, np.ones((1, 24, 24), np.float32), bands=["r"], objid=77, ra=180.0, dec=1.0,
                  source="simulated")
     err = _fails(capsys, "predict", "--model", sim.model, one_band, "--output", tmp_path / "p.csv")
-    assert str(one_band) in err and "1 channel(s), the model expects 3" in err
+    assert f"image {one_band} does not match the input contract" in err
+    assert "channels: expected 3 (g, r, i), got 1 (r)" in err
     good = _test_objids(sim)[0]
     shutil.copy(sim.cache / f"{good}.fits", one_band.parent / f"{good}.fits")
     out = tmp_path / "mixed.parquet"
-    assert _galpipe("predict", "--model", sim.model, one_band.parent, "--output", out) == 0
+    err = _fails(capsys, "predict", "--model", sim.model, one_band.parent, "--output", out)
+    assert str(one_band) in err and "--force" in err  # refused, not silently thinned
+    assert _galpipe("predict", "--model", sim.model, one_band.parent, "--output", out, "--force") == 0
     assert pd.read_parquet(out)["objid"].tolist() == [good]  # the 1-band file is skipped and recorded
     failed = json.loads(pq.read_schema(out).metadata[b"galpipe.failed"])
     assert len(failed) == 1 and "77.fits" in failed[0] and "1 channel(s)" in failed[0]
@@ -430,6 +433,89 @@ def test_wrong_channel_count_and_empty_folder(sim: SimpleNamespace, tmp_path: Pa
     err = _fails(capsys, "predict", "--model", sim.model, cat, "--config", sim.config, "--output", tmp_path / "e.csv")
     assert f"catalogue {cat}: missing column(s) ['label']; the simulated source reads" in err
     assert not (tmp_path / "e.csv").exists()
+
+
+# --------------------------------------------------------------------------- input contract
+def _contract(ns: SimpleNamespace) -> dict[str, Any]:
+    return json.loads((ns.model / "model.json").read_text())["metadata"]["input_contract"]
+
+
+def test_the_train_stage_writes_the_input_contract(sim: SimpleNamespace, rgb: SimpleNamespace) -> None:
+    con = _contract(sim)
+    assert con["channels"] == ["g", "r", "i"] and con["pixel_unit"] == "nanomaggy"
+    assert con["framing"]["kind"] == "pixel_scale" and con["framing"]["arcsec_per_pixel"] == 0.396
+    assert con["size"] == [24, 24] and "SDSS g, r, i" in con["meaning"]
+    con = _contract(rgb)
+    # the images source leaves the unit to the files: read from the training JPEGs
+    assert con["channels"] == ["red", "green", "blue"] and con["pixel_unit"] == "DN"
+    assert "training image" in con["derived_from"]
+    assert con["framing"] == {"kind": "crop", "crop_fraction": 0.8, "description": con["framing"]["description"]}
+    assert con["size"] == [16, 16]
+
+
+def test_trained_models_refuse_each_others_images(sim: SimpleNamespace, rgb: SimpleNamespace, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    fits_cutout = sim.cache / f"{_test_objids(sim)[0]}.fits"
+    jpeg = rgb.images / rgb.rows[0][2]
+    err = _fails(capsys, "predict", "--model", rgb.model, fits_cutout, "--output", tmp_path / "a.csv")
+    assert "pixel unit: expected 'DN'" in err and "got 'nanomaggy'" in err
+    err = _fails(capsys, "predict", "--model", sim.model, jpeg, "--output", tmp_path / "b.csv")
+    assert "pixel unit: expected 'nanomaggy'" in err and "got 'DN'" in err
+    assert not list(tmp_path.iterdir())
+    assert _galpipe("predict", "--model", sim.model, jpeg, "--output", tmp_path / "b.parquet", "--force") == 0
+    assert json.loads(pq.read_schema(tmp_path / "b.parquet").metadata[b"galpipe.forced"]) is True
+
+
+def test_astropy_tables_match_the_csv_and_parquet(sim: SimpleNamespace, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import astropy.units as u
+    from astropy.table import Table
+
+    import galpipe
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    ids = _test_objids(sim)[:4]
+    for o in ids:
+        shutil.copy(sim.cache / f"{o}.fits", folder / f"{o}.fits")
+    assert _galpipe("predict", "--model", sim.model, folder, "--output", tmp_path / "p.parquet", "--mc-dropout", 3) == 0
+    assert _galpipe("predict", "--model", sim.model, folder, "--output", tmp_path / "p.csv", "--mc-dropout", 3) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {tmp_path / 'p.csv'} (also {tmp_path / 'p.ecsv'}, {tmp_path / 'p.fits'})" in printed
+    parquet, csv = pd.read_parquet(tmp_path / "p.parquet"), pd.read_csv(tmp_path / "p.csv")
+    ecsv = Table.read(tmp_path / "p.ecsv", format="ascii.ecsv")
+    fits_t = Table.read(tmp_path / "p.fits", format="fits", character_as_bytes=False)
+    cat = pd.read_parquet(sim.catalogue).set_index("objid")
+    assert ecsv.colnames == fits_t.colnames == list(parquet.columns) == list(csv.columns)
+    for t in (ecsv, fits_t):
+        assert t["source_path"].tolist() == parquet["source_path"].tolist()
+        assert t["objid"].tolist() == parquet["objid"].tolist() == ids
+        assert t["pred"].tolist() == parquet["pred"].tolist()
+        assert t["ra"].unit == u.deg and t["dec"].unit == u.deg
+        np.testing.assert_allclose(t["ra"], cat.loc[ids, "ra"], rtol=0, atol=1e-9)  # the cutout centres
+        np.testing.assert_allclose(t["dec"], cat.loc[ids, "dec"], rtol=0, atol=1e-9)
+        for c in [*(f"p_{k}" for k in sim.classes), *(f"std_{k}" for k in sim.classes), "entropy"]:
+            np.testing.assert_array_equal(np.asarray(t[c]), parquet[c].to_numpy())  # bit-identical
+            np.testing.assert_allclose(np.asarray(t[c]), csv[c].to_numpy(), rtol=1e-5, atol=1e-7)  # %.6g
+            assert t[c].unit in (None, u.dimensionless_unscaled)
+        np.testing.assert_allclose(parquet[["ra", "dec"]].to_numpy(), csv[["ra", "dec"]].to_numpy(), rtol=0,
+                                   atol=1e-8)  # the CSV keeps positions to 1e-8 deg
+    assert all(ecsv[f"p_{k}"].unit == u.dimensionless_unscaled for k in sim.classes)
+    meta = ecsv.meta
+    assert meta["model"] == "cnn" and meta["classes"] == sim.classes and meta["galpipe_version"] == galpipe.__version__
+    assert meta["mc_dropout"] == 3 and meta["forced"] is False and meta["warnings"] == []
+    assert meta["input_contract"] == _contract(sim)
+    model_doc = json.loads((sim.model / "model.json").read_text())
+    assert meta["model_provenance"] == model_doc["metadata"]["provenance"]
+    from galpipe.io.atomic import file_sha256
+
+    assert meta["weights_sha256"] == file_sha256(sim.model / "weights.npz")
+    assert meta["model_json_sha256"] == file_sha256(sim.model / "model.json")
+    assert pd.Timestamp(meta["date"]).tzinfo is not None
+    hdr = fits_t.meta
+    assert hdr["MODEL"] == "cnn" and hdr["CLASSES"] == ",".join(sim.classes) and hdr["MCDROP"] == 3
+    assert hdr["WGTSSHA"] == meta["weights_sha256"] and hdr["GALPVER"] == galpipe.__version__
+    assert hdr["CODEDIG"] == model_doc["metadata"]["provenance"]["code_digest"] and hdr["DATE"] == meta["date"]
 
 
 # --------------------------------------------------------------------------- summary

@@ -201,7 +201,9 @@ def test_report_declares_categories_labels_and_rendered_captions(run_dir: Path) 
     html = (run_dir / "results" / "report.html").read_text()
     categories = _embedded(html, "categories")
     results = _embedded(html, "results")
-    assert set(categories) == {*EXPERIMENTS, "Comparison"}
+    assert set(categories) == {*EXPERIMENTS, "Comparison", "Data"}
+    assert [p for sub in categories["Data"].values() for p in sub] == ["results/dataset.html"]
+    assert results["results/dataset.html"]["mime_type"] == "text/html"
     for exp in EXPERIMENTS:
         paths = [p for sub in categories[exp].values() for p in sub]
         figures = _figures(run_dir, exp)
@@ -223,6 +225,19 @@ def test_report_declares_categories_labels_and_rendered_captions(run_dir: Path) 
     assert comparison == {"results/leaderboard.csv", "results/leaderboard.html", "results/comparison.png"}
     assert results["results/leaderboard.html"]["mime_type"] == "text/html"
     assert "<strong>Comparison</strong>" in _embedded_desc(html)
+
+
+def test_data_page_counts_every_split_and_class(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "results" / "split" / "summary.json").read_text())
+    html = (run_dir / "results" / "dataset.html").read_text()
+    body = re.search(r'<table id="counts">.*?</table>', html, re.S).group(0)
+    rows = {m[0]: [int(v) for v in re.findall(r'<td class="num">(\d+)</td>', m[1])]
+            for m in re.findall(r"<tr[^>]*><td>(\w+)</td>(.*?)</tr>", body)}
+    for cls in summary["classes"]:
+        per_split = [summary["counts"][s][cls] for s in ("train", "validation", "test")]
+        assert rows[cls] == [*per_split, sum(per_split)], (cls, rows)
+    assert rows["total"][-1] == sum(sum(c.values()) for c in summary["counts"].values())
+    assert "<th>source</th><td>simulated</td>" in html
 
 
 def _embedded_desc(html: str) -> str:

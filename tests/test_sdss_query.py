@@ -27,7 +27,7 @@ from galpipe.sources.sdss import (
     query_catalogue,
     sql_float,
 )
-from galpipe.testing.fakeserver import FakeSkyServer, FaultSpec
+from galpipe.testing.fakeserver import FakeSkyServer, FaultSpec, sql_table
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "sdss.schema.yaml"
 INJECTION = "1; DROP TABLE PhotoObj --"
@@ -78,12 +78,16 @@ def test_schema_is_valid_and_matches_defaults() -> None:
 @pytest.mark.parametrize(
     ("scheme", "label", "table", "condition"),
     [
-        ("gz1_flags", "spiral", "FROM ZooSpec AS z", "z.spiral = 1 AND z.uncertain = 0"),
-        ("gz1_flags", "elliptical", "FROM ZooSpec AS z", "z.elliptical = 1 AND z.uncertain = 0"),
-        ("gz1_fractions", "elliptical", "FROM ZooSpec AS z", "z.p_el_debiased >= 0.80000000"),
-        ("gz1_fractions", "spiral", "FROM ZooSpec AS z", "z.p_cs_debiased >= 0.80000000"),
-        ("gz2", "elliptical", "FROM zoo2MainSpecz AS z", "z.gz2class LIKE 'E%'"),
-        ("gz2", "spiral", "FROM zoo2MainSpecz AS z", "z.gz2class LIKE 'S%'"),
+        ("gz1_flags", "spiral", "FROM zooSpec AS z JOIN PhotoObj AS p ON p.objid = z.objid WHERE",
+         "z.spiral = 1 AND z.uncertain = 0"),
+        ("gz1_flags", "elliptical", "FROM zooSpec AS z JOIN PhotoObj AS p ON p.objid = z.objid WHERE",
+         "z.elliptical = 1 AND z.uncertain = 0"),
+        ("gz1_fractions", "elliptical", "FROM zooSpec AS z", "z.p_el_debiased >= 0.80000000"),
+        ("gz1_fractions", "spiral", "FROM zooSpec AS z", "z.p_cs_debiased >= 0.80000000"),
+        ("gz2", "elliptical", "FROM zoo2MainSpecz AS z JOIN PhotoObj AS p ON p.objid = z.dr8objid WHERE",
+         "WHERE z.t01_smooth_or_features_a01_smooth_flag = 1 AND p.petroMag_r"),
+        ("gz2", "spiral", "FROM zoo2MainSpecz AS z JOIN PhotoObj AS p ON p.objid = z.dr8objid WHERE",
+         "WHERE z.t01_smooth_or_features_a02_features_or_disk_flag = 1 AND z.t04_spiral_a08_spiral_flag = 1 AND"),
         ("spec_class", "galaxy", "FROM PhotoObj AS p JOIN SpecObj", "s.class = 'GALAXY'"),
         ("spec_class", "qso", "FROM PhotoObj AS p JOIN SpecObj", "s.class = 'QSO'"),
     ],
@@ -99,6 +103,8 @@ def test_page_sql_per_scheme(scheme: str, label: str, table: str, condition: str
     assert "--" not in sql and ";" not in sql
     # default sky box (whole sky) adds no RA/Dec condition
     assert "p.ra " not in sql and "p.dec " not in sql
+    # only spec_class needs SpecObj (the label schemes take specobjid from their own table)
+    assert ("SpecObj" in sql) == (scheme == "spec_class")
 
 
 def test_fraction_thresholds_min_and_max() -> None:
@@ -262,20 +268,23 @@ def test_sdss_source_implements_the_interface(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- against the stand-in
 def _truth(srv: FakeSkyServer, scheme: str, label: str, n: int) -> list[int]:
-    t = srv.table
+    t = sql_table(srv.table)
     sel = (t["petroMag_r"] >= 10.0) & (t["petroMag_r"] <= 17.77)
     if scheme == "gz1_flags":
         sel &= t["in_zoo"] & (t[label] == 1) & (t["uncertain"] == 0)
     elif scheme == "spec_class":
         sel &= t["class"] == label.upper()
     elif scheme == "gz2":
-        sel &= t["in_zoo"] & t["gz2class"].str.startswith(label[0].upper())
+        sel &= t["in_zoo"]
+        for flag in sdss.GZ2_CLASS_FLAGS[label]:
+            sel &= t[flag] == 1
     return sorted(int(o) for o in t.loc[sel, "objid"])[:n]
 
 
 @pytest.fixture(scope="module")
 def server() -> FakeSkyServer:
-    with FakeSkyServer(n_galaxies=60, seed=5, frame_shape=(96, 128)) as srv:
+    # many fast queries from one client: spExecuteSQL's 60-a-minute throttle is tested on its own
+    with FakeSkyServer(n_galaxies=60, seed=5, frame_shape=(96, 128), sql_max_queries=None) as srv:
         yield srv
 
 
@@ -307,13 +316,63 @@ def test_paging_merges_and_matches_truth(server: FakeSkyServer, scheme: str) -> 
     assert {e["path"] for e in server.log} == {"/dr17/en/tools/search/x_results.aspx"}
 
 
-def test_row_limit_truncation_does_not_end_paging() -> None:
-    with FakeSkyServer(n_galaxies=40, seed=2, row_limit=3) as srv:
+def test_gz1_keeps_galaxies_whose_zoo_spectrum_is_not_science_primary(server: FakeSkyServer) -> None:
+    """Issue item 9: the old inner join to SpecObj on specobjid dropped them."""
+    t = sql_table(server.table)
+    moved = t[t["in_zoo"] & (t["zoo_specobjid"] != t["specobjid"])]
+    params = server.params(labels={"scheme": "gz1_flags"}, selection={"n_per_class": 60}, query={"page_size": 50})
+    cat, _ = query_catalogue(params, seed=0, bands=["r"])
+    for label in ("spiral", "elliptical"):
+        assert cat.loc[cat["label"] == label, "objid"].tolist() == _truth(server, "gz1_flags", label, 60)
+    kept = cat[cat["objid"].isin(moved["objid"])]
+    assert len(kept) >= 1  # galaxies the SpecObj join lost
+    # specobjid is zooSpec's own (the spectrum Galaxy Zoo classified)
+    truth = t.set_index("objid")
+    assert (kept["specobjid"].to_numpy() == truth.loc[kept["objid"], "zoo_specobjid"].to_numpy()).all()
+
+
+def test_top_above_the_row_cap_fails_at_once_naming_page_size() -> None:
+    with FakeSkyServer(n_galaxies=20, seed=2, frame_shape=(96, 128), row_limit=3) as srv:
         params = srv.params(labels={"scheme": "spec_class", "classes": ["galaxy"]},
                             selection={"n_per_class": 12}, query={"page_size": 10})
+        with pytest.raises(sdss.SqlRejected, match=r"row cap is 3: set sdss\.query\.page_size.*limit is\s+top 3"):
+            query_catalogue(params, seed=0, bands=["r"])
+        assert len(srv.log) == 1  # a rejection is not retried
+        params["query"]["page_size"] = 3  # within the cap: pages of 3 until 12
         cat, prov = query_catalogue(params, seed=0, bands=["r"])
-    assert cat["objid"].tolist() == _truth(srv, "spec_class", "galaxy", 12)
-    assert len(prov["sql"]) >= 4
+    assert cat["objid"].tolist() == _truth(srv, "spec_class", "galaxy", 12) and len(prov["sql"]) >= 4
+
+
+def test_sql_server_error_message_is_reported_and_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue item 2: the message of SkyServer's error page reaches the user, after one request."""
+    bad = (*sdss.LABEL_COLUMNS["gz2"], ("z.gz2class", "gz2class"))  # what galpipe used to select
+    monkeypatch.setitem(sdss.LABEL_COLUMNS, "gz2", bad)
+    with FakeSkyServer(n_galaxies=20, seed=1, frame_shape=(96, 128)) as srv:
+        params = srv.params(labels={"scheme": "gz2"}, query={"max_retries": 4, "max_junk_retries": 2})
+        with pytest.raises(SourceError, match=r"DR17 SQL error: Invalid column name 'gz2class'\.; query: SELECT"):
+            query_catalogue(params, seed=0, bands=["r"])
+        assert len(srv.log) == 1 and srv.log[0]["status"] == 200
+
+
+def test_rate_limit_rejection_is_waited_out_and_retried() -> None:
+    """Issue item 3: spExecuteSQL's "Maximum N queries allowed per minute" is temporary."""
+    with FakeSkyServer(n_galaxies=40, seed=2, frame_shape=(96, 128), sql_max_queries=2, sql_window_s=0.6) as srv:
+        params = srv.params(labels={"scheme": "spec_class", "classes": ["galaxy"]},
+                            selection={"n_per_class": 8}, query={"page_size": 1, "max_retries": 3})
+        assert params["query"]["rate_limit_wait_s"] == 0.6
+        cat, prov = query_catalogue(params, seed=0, bands=["r"])
+        log = srv.log
+    assert cat["objid"].tolist() == _truth(srv, "spec_class", "galaxy", 8)
+    assert prov["n_queries"] == len(log) > len(prov["sql"])  # some were rejected, then sent again
+    # the throttle's rule held: never more than 3 accepted in a window (2 + the one that passes)
+    times = np.sort([e["t"] for e in log])
+    assert times[-1] - times[0] >= 0.6 * (len(prov["sql"]) // 3 - 1)
+    with FakeSkyServer(n_galaxies=40, seed=2, frame_shape=(96, 128), sql_max_queries=1, sql_window_s=30.0) as srv:
+        params = srv.params(labels={"scheme": "spec_class", "classes": ["galaxy"]},
+                            selection={"n_per_class": 8},
+                            query={"page_size": 1, "max_retries": 1, "rate_limit_wait_s": 0.05})
+        with pytest.raises(SourceError, match=r"failed after 2 attempt.*rate limit: ERROR: Maximum 1 queries"):
+            query_catalogue(params, seed=0, bands=["r"])
 
 
 def test_duplicates_across_pages_and_ambiguous_objects_dropped(server: FakeSkyServer) -> None:
@@ -335,7 +394,7 @@ def test_queries_survive_injected_faults(server: FakeSkyServer) -> None:
     params = server.params(labels={"scheme": "spec_class"}, selection={"n_per_class": 6},
                            query={"page_size": 2})
     clean, _ = query_catalogue(params, seed=0, bands=["r"])
-    with FakeSkyServer(n_galaxies=60, seed=5, frame_shape=(96, 128),
+    with FakeSkyServer(n_galaxies=60, seed=5, frame_shape=(96, 128), sql_max_queries=None,
                        faults=FaultSpec(rate=0.35, seed=11, slow_s=0.6, retry_after_s=0.05,
                                         max_per_path=2)) as srv:
         params = srv.params(labels={"scheme": "spec_class"}, selection={"n_per_class": 6},
@@ -364,30 +423,69 @@ def test_html_page_with_status_200_is_a_source_error() -> None:
 
 
 def test_persistent_server_errors_give_up_with_source_error() -> None:
+    # on the SQL endpoint a server-side failure is a transient SQL Server error on the error page
     faults = FaultSpec(rate=1.0, kinds=("500",), max_per_path=None, endpoints=("sql",))
-    with FakeSkyServer(n_galaxies=20, seed=1, faults=faults) as srv:
-        params = srv.params(query={"max_retries": 2})
-        with pytest.raises(SourceError, match=r"DR17 SQL query: failed after 3 attempt.*HTTP 500"):
+    with FakeSkyServer(n_galaxies=20, seed=1, frame_shape=(96, 128), faults=faults) as srv:
+        params = srv.params(query={"max_retries": 2, "max_junk_retries": 0})
+        with pytest.raises(SourceError, match=r"DR17 SQL query: failed after 3 attempt.*Execution Timeout Expired"):
             query_catalogue(params, seed=0, bands=["r"])
+        assert len(srv.log) == 3
+    # the front end's 503 (HAProxy, no Retry-After) is retried with backoff too
+    faults = FaultSpec(rate=1.0, kinds=("503",), max_per_path=1, endpoints=("sql",))
+    with FakeSkyServer(n_galaxies=20, seed=1, frame_shape=(96, 128), faults=faults) as srv:
+        _cat, prov = query_catalogue(srv.params(selection={"n_per_class": 2}), seed=0, bands=["r"])
+        assert {e["status"] for e in srv.log} == {200, 503} and prov["n_queries"] == 2 * len(prov["sql"])
 
 
-def test_astroquery_configuration_is_restored(server: FakeSkyServer) -> None:
-    from astroquery.sdss import conf
+class _Scripted:
+    """A tiny HTTP server answering the SQL endpoint with scripted bodies, then a valid table."""
 
-    before = conf.skyserver_baseurl
-    query_catalogue(server.params(selection={"n_per_class": 2}), seed=0, bands=["r"])
-    assert conf.skyserver_baseurl == before == "https://skyserver.sdss.org"
+    def __init__(self, bodies: list[bytes], table: bytes) -> None:
+        import http.server
+        import threading
+
+        self.bodies, self.table, self.requests = list(bodies), table, 0
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                owner.requests += 1
+                body = owner.bodies.pop(0) if owner.bodies else owner.table
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
-def test_query_rate_is_limited(server: FakeSkyServer) -> None:
-    server.clear_log()
-    params = server.params(labels={"scheme": "spec_class", "classes": ["galaxy"]},
-                           selection={"n_per_class": 14}, query={"page_size": 2,
-                                                                 "max_queries_per_minute": 600.0})
-    query_catalogue(params, seed=0, bands=["r"])
-    times = np.sort([e["t"] for e in server.log])
-    assert len(times) >= 6
-    # 600/min = one query per 0.1 s; server-side stamps get 0.1 s of scheduling jitter
-    in_window = np.searchsorted(times, times + 0.5) - np.arange(len(times))
-    assert in_window.max() <= 10 * (0.5 + 0.1) + 1
-    assert times[-1] - times[0] >= 0.1 * (len(times) - 1) - 0.1
+@pytest.mark.parametrize("body", [b"", b"#Table1", b"objid"])
+def test_empty_or_one_line_answer_is_junk_not_a_traceback(server: FakeSkyServer, body: bytes) -> None:
+    """Issue item 4: through astroquery 0.4.11's parser these raise IsADirectoryError/FileNotFoundError."""
+    from galpipe.testing.fakeserver import execute_sql, format_csv
+
+    params = server.params(labels={"scheme": "spec_class", "classes": ["galaxy"]}, selection={"n_per_class": 2},
+                           query={"max_junk_retries": 1})
+    table = format_csv(*execute_sql(sql_table(server.table), sdss.build_page_sql(params, "galaxy", top=2)))
+    fake = _Scripted([body], table)
+    try:
+        params["skyserver_url"] = fake.url
+        cat, _ = query_catalogue(params, seed=0, bands=["r"])
+        assert fake.requests == 2 and cat["objid"].tolist() == _truth(server, "spec_class", "galaxy", 2)
+        fake.bodies, fake.requests = [body], 0
+        params["query"]["max_junk_retries"] = 0
+        with pytest.raises(SourceError, match=r"DR17 answered HTTP 200 with (an empty body|a single line)"):
+            query_catalogue(params, seed=0, bands=["r"])
+        assert fake.requests == 1
+    finally:
+        fake.close()

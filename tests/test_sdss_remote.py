@@ -60,3 +60,23 @@ def test_real_frame_and_jpeg(tmp_path: Path) -> None:
     assert (man["status"] == "ok").all()
     cut = read_cutout(man["path"][0], bands=["red", "green", "blue"])
     assert cut.data.dtype == np.uint8 and cut.data.max() > 50
+
+
+def test_real_skyserver_reports_sql_errors_with_their_message() -> None:
+    """A SQL Server error is HTTP 200 + the "Skyserver Error" page; its message reaches the user, once."""
+    from galpipe.sources import sdss
+
+    with pytest.raises(sdss.SqlRejected, match=r"Invalid column name 'gz2class'"):
+        sdss._send_query("SELECT TOP 1 z.gz2class FROM zoo2MainSpecz AS z", dr=17, timeout_s=120.0,
+                         junk=sdss._JunkBudget(0), rate_limit_wait_s=60.0)
+
+
+@pytest.mark.parametrize("table", ["zooSpec", "zoo2MainSpecz", "SpecObj", "PhotoObj"])
+def test_real_columns_match_the_dr17_fixture(table: str) -> None:
+    """The columns DR17 serves are those galpipe/testing/dr17_columns.json derives from sqlloader."""
+    from galpipe.sources import sdss
+    from galpipe.testing.dr17_columns import TABLES
+
+    got = sdss._send_query(f"SELECT TOP 1 * FROM {table}", dr=17, timeout_s=120.0, junk=sdss._JunkBudget(1),
+                           rate_limit_wait_s=60.0)
+    assert [c.lower() for c in got.colnames] == [c.lower() for c in TABLES[table]]

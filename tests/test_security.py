@@ -147,7 +147,7 @@ def test_hostile_catalogue_values_fail_and_write_nothing(tmp_path: Path, monkeyp
     (tmp_path / "outside.png").write_bytes(b"")
     (images / "ok.png").write_bytes(b"")
     (images / "link.png").symlink_to(tmp_path / "outside.png")
-    values = {"objid": ["../../etc", "1/2", "7\x00", "1" * 5000, "-", "1e3"],
+    values = {"objid": ["7\x00", "1" * 5000, "a\x1b[2Jb"],  # other text ids are hashed, see below
               "label": [v for v in HOSTILE_NAMES if v and v == v.strip()],  # the reader strips cells
               "image": ["../outside.png", "/etc/passwd", "link.png", "a\x00.png", "sub/../../outside.png"]}[column]
     monkeypatch.chdir(tmp_path / "sandbox")
@@ -161,10 +161,29 @@ def test_hostile_catalogue_values_fail_and_write_nothing(tmp_path: Path, monkeyp
         with pytest.raises(DataError, match=r"labels\.csv: row 3: ") as info:
             catalogue_stage.run({"source": "images", "seed": 0, "images": params}, "out/catalogue.parquet",
                                 ["out/shard.parquet"])
-        expected = {"objid": "is not an integer", "label": "is not usable as a file name",
+        expected = {"objid": "control characters or more than", "label": "is not usable as a file name",
                     "image": "must be relative to|escapes"}[column]
         assert re.search(expected, str(info.value)), str(info.value)
         assert _snapshot(tmp_path) == before, f"{value!r}: something was written"
+
+
+def test_path_like_text_ids_never_become_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text id is hashed to an integer objid: the cutout file is named by that integer."""
+    from galpipe.sources.images import read_labels, text_objid
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["../../etc", "1/2", "-", "1e3", "NGC 1000"]
+    for i in range(len(rows)):
+        (images / f"{i}.png").write_bytes(b"")
+    text = "objid,label,image\n" + "".join(f"{_csv(r)},spiral,{i}.png\n" for i, r in enumerate(rows))
+    (tmp_path / "labels.csv").write_text(text)
+    df = read_labels({"directory": str(images), "labels_csv": str(tmp_path / "labels.csv"),
+                      "id_column": "objid", "label_column": "label", "path_column": "image", "label_map": {}})
+    assert sorted(df["name"]) == sorted(rows)
+    for name, objid in zip(df["name"], df["objid"], strict=True):
+        assert objid == text_objid(name)
+        assert cutout_filename(objid) == f"{objid}.fits" and "/" not in cutout_filename(objid)
 
 
 def _csv(value: str) -> str:

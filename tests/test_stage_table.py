@@ -41,7 +41,7 @@ def test_snakefile_outputs_are_the_table(tmp_path):
     experiments = resolve_experiments(raw, preset_search_path(REPO / "config" / "config.yaml"))
     assert len(experiments) >= 2
     expected = {PATHS["catalogue"], PATHS["split_summary"], PATHS["leaderboard"], PATHS["leaderboard_html"],
-                PATHS["comparison"]}
+                PATHS["comparison"], PATHS["dataset_html"]}
     for shard in shard_names(cfg.shards):
         expected |= {PATHS[k].format(shard=shard) for k in ("shard", "manifest", "normalised", "rejects")}
     expected |= {PATHS["split"].format(split=s) for s in SPLITS}

@@ -22,21 +22,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-TINY = {
-    "source": "simulated",
-    "seed": 7,
-    "cutout_size": 32,
-    "shards": 2,
-    "simulated": {"n_galaxies": 90},
-    "split": {"row_group_size": 16},
-    "training": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
-    "experiments": {
-        "tiny_cnn": {"architecture": [{"type": "conv2d", "filters": 4}, "relu", "maxpool2d",
-                                      "global_avg_pool"]},
-        "baseline": {"architecture": "features_mlp", "inputs": "features", "training": {"augment": False}},
-    },
-    "evaluate": {"n_bootstrap": 20, "gallery_size": 4},
-}
+#: The `.test/` config (snakemake-workflows convention): the smallest complete run.
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
+TINY = yaml.safe_load(TEST_CONFIG.read_text())
 
 
 def smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -23,6 +23,15 @@ the Snakefile:
                             like this source's inputs (1.0: none); stored with a model
 ==========================  ==========================================================
 
+One optional attribute, read through :func:`shard_group_columns`:
+
+==========================  ==========================================================
+``shard_group_columns``     catalogue columns whose values tie galaxies to one shard
+                            (``sdss`` with ``sdss-frames``: the field ``run, rerun,
+                            camcol, field``, so each frame is fetched by one job only);
+                            absent or empty: galaxies are dealt one by one
+==========================  ==========================================================
+
 Every source writes cutouts in the one layout of :mod:`galpipe.io.cutout_fits`
 through :class:`CutoutCache`, which writes atomically and validates a cached
 file before it is reused.
@@ -123,6 +132,17 @@ class Source(Protocol):
     def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:
         """One external image file as cutout pixels, made as :meth:`make_cutouts` makes them."""
         ...
+
+
+def shard_group_columns(source: object) -> tuple[str, ...]:
+    """The source's optional ``shard_group_columns`` (empty when it has none).
+
+    The catalogue stage deals shards with
+    :func:`galpipe.catalogue.shard_catalogue` grouped by these columns, and a
+    source's ``shard_input_files`` must deal the same way (it calls the same
+    function with the same columns).
+    """
+    return tuple(str(c) for c in (getattr(source, "shard_group_columns", ()) or ()))
 
 
 class NoLocalFiles:

@@ -4,9 +4,10 @@ One :class:`Downloader` serves both cutout providers (calibrated SDSS frames
 from the SAS and SkyServer JPEG cutouts):
 
 * bounded concurrency (a thread pool, see :func:`run_tasks`);
-* a request rate that is never exceeded: one :class:`RateLimiter` (a token
-  bucket implemented as a GCRA scheduler) is shared by every thread, and every
-  attempt -- retries included -- takes a token before it is sent;
+* a request rate that is never exceeded: every attempt -- retries included --
+  takes a token before it is sent, from one token bucket per service host
+  shared by every thread and, given a state folder, by every process of the
+  run (:mod:`galpipe.sources.ratelimit`);
 * a (connect, read) timeout on every request;
 * retries with exponential backoff and jitter on connection errors, timeouts,
   truncated bodies, HTTP 5xx and 429, honouring ``Retry-After`` (seconds or an
@@ -25,6 +26,7 @@ from __future__ import annotations
 import bz2
 import email.utils
 import io
+import os
 import random
 import threading
 import time
@@ -33,17 +35,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import requests
 from astropy.io import fits
 from astropy.wcs import WCS
-from tqdm.auto import tqdm
 
 from galpipe import __version__
 from galpipe.errors import DataError, SourceError
 from galpipe.settings import SdssDownload
+from galpipe.sources.ratelimit import HTTP_SCOPE, RateLimiter, host_key  # RateLimiter: also imported from here
 
 T = TypeVar("T")
 
@@ -72,46 +75,6 @@ class VerificationError(DataError):
 # --------------------------------------------------------------------------- configuration
 #: Largest accepted response body (bytes); an SDSS frame is about 3-13 MB.
 MAX_BYTES = 200 * 1024 * 1024
-
-
-# --------------------------------------------------------------------------- rate limiting
-class RateLimiter:
-    """A thread-safe token bucket (generic cell rate algorithm).
-
-    Every call of :meth:`acquire` takes one token, sleeping until one is
-    available.  Tokens arrive at ``rate`` per second and at most ``burst`` are
-    stored, so in any time window of length ``W`` at most ``burst + rate * W``
-    acquisitions return.
-
-    Parameters
-    ----------
-    rate : float
-        Tokens per second; ``0`` (or less) means unlimited.
-    burst : int
-        Bucket capacity (>= 1).
-    """
-
-    def __init__(self, rate: float, burst: int = 1) -> None:
-        self.rate = float(rate)
-        self.burst = max(1, int(burst))
-        self._lock = threading.Lock()
-        self._tat = 0.0  # theoretical arrival time of the next token (monotonic seconds)
-
-    def acquire(self) -> float:
-        """Take one token; return the seconds slept waiting for it."""
-        if self.rate <= 0:
-            return 0.0
-        interval = 1.0 / self.rate
-        with self._lock:
-            now = time.monotonic()
-            tat = max(self._tat, now)
-            earliest = tat - (self.burst - 1) * interval
-            start = max(now, earliest)
-            self._tat = tat + interval
-        delay = start - now
-        if delay > 0:
-            time.sleep(delay)
-        return max(delay, 0.0)
 
 
 # --------------------------------------------------------------------------- backoff
@@ -262,11 +225,18 @@ class Frame:
 
 
 def parse_frame_bz2(data: bytes, *, expected_shape: Sequence[int] | None = None) -> Frame:
-    """Decompress and verify a ``frame-*.fits.bz2`` body.
+    """Decompress and verify a ``frame-*.fits.bz2`` body; return its HDU 0.
+
+    The SDSS frame layout (data model of ``frame``, DR8-DR17): HDU 0 the image
+    (float32, ``NAXIS1`` = 2048 columns, ``NAXIS2`` = 1489 rows, nanomaggies,
+    a TAN WCS whose axes are transposed on drift-scan frames), HDU 1 the
+    calibration vector, HDU 2 the sky table, HDU 3 the astrometric trace.  Only
+    HDU 0 is taken; the others are checked to be present and complete, not read.
 
     Checks: not an HTML page, a complete bz2 stream, a FITS file with at least
     :data:`FRAME_MIN_HDUS` HDUs none of which is truncated, a 2-D HDU 0 (of
-    ``expected_shape`` = ``(ny, nx)`` if given) with a celestial WCS.
+    ``expected_shape`` = ``(ny, nx)`` if given, e.g. ``(1489, 2048)``) with a
+    celestial WCS and, when it says, ``BUNIT`` nanomaggy.
 
     Returns
     -------
@@ -294,8 +264,9 @@ def parse_frame_bz2(data: bytes, *, expected_shape: Sequence[int] | None = None)
                 info = hdul[-1].fileinfo()
                 if info is None or info["datLoc"] + info["datSpan"] > len(raw):
                     raise VerificationError(f"FITS frame is truncated ({len(raw)} bytes decompressed)")
-                header = hdul[0].header.copy()
-                image = hdul[0].data
+                primary = hdul[0]
+                header = primary.header.copy()
+                image = primary.data
                 if image is None or image.ndim != 2:
                     shape = None if image is None else image.shape
                     raise VerificationError(f"frame HDU 0 is not a 2-D image (shape {shape})")
@@ -309,7 +280,10 @@ def parse_frame_bz2(data: bytes, *, expected_shape: Sequence[int] | None = None)
             raise VerificationError(f"not a readable FITS frame ({exc})") from exc
     if not wcs.has_celestial:
         raise VerificationError("frame HDU 0 has no celestial WCS")
-    return Frame(data=pixels, wcs=wcs, header=header)
+    bunit = str(header.get("BUNIT", "nanomaggy")).strip().lower()
+    if bunit not in ("nanomaggy", "nanomaggies", "nmgy"):
+        raise VerificationError(f"frame HDU 0 has BUNIT {header['BUNIT']!r}, expected nanomaggy")
+    return Frame(data=pixels, wcs=wcs.celestial, header=header)
 
 
 def parse_jpeg(data: bytes, *, expected_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -330,7 +304,11 @@ def parse_jpeg(data: bytes, *, expected_size: tuple[int, int] | None = None) -> 
     Raises
     ------
     VerificationError
-        HTML page, not a JPEG, truncated, or of the wrong size.
+        HTML page, not a JPEG, truncated or undecodable (the downloader retries).
+    DataError
+        A whole, valid JPEG of another size than ``expected_size``: a deliberate
+        answer (ImgCutout clamps width and height to [64, 2048] pixels), so the
+        request is not retried.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -351,7 +329,8 @@ def parse_jpeg(data: bytes, *, expected_size: tuple[int, int] | None = None) -> 
     except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
         raise VerificationError(f"JPEG does not decode ({exc})") from exc
     if expected_size is not None and rgb.size != tuple(expected_size):
-        raise VerificationError(f"JPEG is {rgb.size[0]}x{rgb.size[1]}, expected {expected_size}")
+        raise DataError(f"JPEG is {rgb.size[0]}x{rgb.size[1]} pixels, expected {expected_size[0]}x{expected_size[1]} "
+                        "(ImgCutout serves 64..2048 pixels a side and clamps other sizes; not retried)")
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
@@ -360,14 +339,18 @@ class Downloader:
     """Rate-limited, retrying HTTP GETs with verification.
 
     Thread-safe: every thread gets its own :class:`requests.Session`, and all
-    share one :class:`RateLimiter`.
+    share the request budget.  With ``rate_state_dir`` (the pipeline passes
+    ``resources/sdss/rate``) the budget of each service host is a
+    :class:`~galpipe.sources.ratelimit.SharedRateLimiter`, shared with every
+    other process using that folder (the parallel shard jobs of a run);
+    without it, one in-process :class:`RateLimiter` serves every host.
 
     Parameters
     ----------
     config : SdssDownload
         The validated ``sdss.download`` section: ``concurrency`` (threads of
-        :func:`run_tasks`), ``requests_per_second`` and ``burst`` (the shared
-        token bucket; 0 disables the limit), ``timeout_s`` (connect and read),
+        :func:`run_tasks`), ``requests_per_second`` and ``burst`` (the token
+        bucket; 0 disables the limit), ``timeout_s`` (connect and read),
         ``max_retries`` (so ``max_retries + 1`` attempts), ``backoff_base_s``
         and ``backoff_max_s`` (retry ``k`` waits ``min(max, base * 2**k)``
         times a jitter factor in ``[0.5, 1.5)``) and ``retry_after_max_s``
@@ -376,12 +359,27 @@ class Downloader:
         Seed of the jitter generator (jitter only changes timing, never outputs).
     max_bytes : int
         Largest accepted response body (:data:`MAX_BYTES`).
+    rate_state_dir : path-like, optional
+        Folder of the shared request budgets, one state file per host
+        (:func:`~galpipe.sources.ratelimit.budget_path`; ``$GALPIPE_RATE_DIR``
+        replaces it when set); None keeps the budget in this process.
     """
 
-    def __init__(self, config: SdssDownload, *, seed: int | None = None, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(
+        self,
+        config: SdssDownload,
+        *,
+        seed: int | None = None,
+        max_bytes: int = MAX_BYTES,
+        rate_state_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.config = config
         self.max_bytes = int(max_bytes)
+        self.rate_state_dir = None if rate_state_dir is None else Path(rate_state_dir)
+        #: The in-process budget shared by every host (used when there is no ``rate_state_dir``).
         self.limiter = RateLimiter(config.requests_per_second, config.burst)
+        self._limiters: dict[str, RateLimiter] = {}
+        self._limiters_lock = threading.Lock()
         self._local = threading.local()
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
@@ -402,6 +400,19 @@ class Downloader:
             with self._sessions_lock:
                 self._sessions.append(session)
         return session
+
+    def limiter_for(self, url: str) -> RateLimiter:
+        """The request budget ``url`` draws from: its host's shared bucket, or the in-process one."""
+        if self.rate_state_dir is None or self.config.requests_per_second <= 0:
+            return self.limiter
+        key = host_key(url)
+        with self._limiters_lock:
+            limiter = self._limiters.get(key)
+            if limiter is None:
+                limiter = RateLimiter.for_service(self.config.requests_per_second, self.config.burst, url=url,
+                                                  state_dir=self.rate_state_dir, scope=HTTP_SCOPE)
+                self._limiters[key] = limiter
+        return limiter
 
     def close(self) -> None:
         """Close every session opened by the worker threads."""
@@ -489,7 +500,7 @@ class Downloader:
             backoff_max_s=cfg.backoff_max_s,
             retry_after_max_s=cfg.retry_after_max_s,
             rng=rng,
-            before_attempt=self.limiter.acquire,
+            before_attempt=self.limiter_for(url).acquire,  # every attempt, retries included, takes a token
         )
         return body, value, attempts
 
@@ -522,13 +533,16 @@ def run_tasks(
     weight : callable, optional
         Progress-bar units per task (e.g. galaxies in a field); default 1.
     progress : bool
-        Show a tqdm progress bar.
+        Report progress (:mod:`galpipe.progress`: a bar on a terminal, else a log line every 10 s
+        with count, rate and ETA).
     """
+    from galpipe.progress import progress as progress_reporter
+
     items = list(tasks)
     results: list[Any] = [None] * len(items)
     total = sum(weight(t) for t in items) if weight else len(items)
     with (
-        tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False) as bar,
+        progress_reporter(total, desc, unit, enabled=progress) as bar,
         ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="galpipe-dl") as pool,
     ):
         pending: dict[Future[Any], int] = {}

@@ -8,11 +8,18 @@ the shared :class:`~galpipe.sources.base.CutoutCache`: 8-bit images as
 pixel values as float32.  :class:`ImagesSource` is the registered source;
 :func:`load_external_image` is the one loader of an image file, shared by
 ``make_cutouts``, ``galpipe predict`` and the other sources' ``load_external``.
+
+Orientation follows :mod:`galpipe.io.cutout_fits`: pixels are stored in FITS row
+order, north up and east left when drawn with ``origin="lower"``.  A JPEG/PNG is
+taken to be a north-up, east-left picture (as SkyServer's and Galaxy Zoo's are):
+its rows, top first, are flipped.  A FITS image is kept in its own row order,
+flipped/transposed to north up, east left when its header has a celestial WCS.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import struct
 import warnings
 import zlib
@@ -29,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from galpipe.errors import DataError
 from galpipe.io.atomic import file_sha256, safe_filename
-from galpipe.io.cutout_fits import read_cutout
+from galpipe.io.cutout_fits import LAYOUT_VERSION, apply_pixel_op, image_rows_to_fits, north_up_op, read_cutout
 from galpipe.settings import Config, ImagesConfig
 from galpipe.sources import register_source
 from galpipe.sources.base import CutoutCache, ExternalImage, PathLike, manifest_frame
@@ -71,14 +78,16 @@ def read_labels(images: ImagesConfig | Mapping[str, Any]) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        Columns ``objid`` (int64), ``label`` (class name), ``raw_label``,
+        Columns ``objid`` (int64: the id if it is an integer, else :func:`text_objid`),
+        ``ra``, ``dec`` (float64 degrees from optional ``ra``/``dec`` CSV columns, NaN
+        where unknown), ``name`` (the id as written), ``label`` (class name), ``raw_label``,
         ``image_path`` (absolute path of the image), sorted by ``objid``.  Rows whose
         raw label is empty or mapped to null are dropped.
 
     Raises
     ------
     DataError
-        Missing file or columns, non-integer or duplicate ids, a raw label not in
+        Missing file or columns, empty or duplicate ids, bad coordinates, a raw label not in
         a non-empty ``label_map``, an image path escaping the folder, two labelled
         rows naming the same file, FITS and JPEG/PNG images mixed.
     """
@@ -99,11 +108,14 @@ def read_labels(images: ImagesConfig | Mapping[str, Any]) -> pd.DataFrame:
         raise DataError(
             f"labels CSV {csv}: missing column(s) {', '.join(missing)}; columns present: {list(df.columns)}"
         )
-    objid = _parse_ids(df[cols["id_column"]].str.strip(), csv, cols["id_column"])
+    names = df[cols["id_column"]].str.strip()
+    objid = _parse_ids(names, csv, cols["id_column"])
     raw = df[cols["label_column"]].str.strip()
     label = _map_labels(raw, params.label_map, csv)
     resolved = _resolve_paths(df[cols["path_column"]].str.strip(), directory.resolve(), csv)
-    out = pd.DataFrame({"objid": objid, "label": label, "raw_label": raw, "image_path": resolved})
+    coords = _parse_coordinates(df.assign(objid=objid), csv)
+    out = pd.DataFrame({"objid": objid, "ra": coords["ra"].to_numpy(), "dec": coords["dec"].to_numpy(),
+                        "name": names, "label": label, "raw_label": raw, "image_path": resolved})
     out["_row"] = np.arange(len(out)) + 2
     out = out[out["label"].notna()].sort_values("objid", kind="stable").reset_index(drop=True)
     if len(out) == 0:
@@ -197,24 +209,72 @@ def check_duplicate_content(labels: pd.DataFrame, csv: PathLike) -> None:
         )
 
 
+#: Longest text id accepted (a name, not a document).
+MAX_ID_LENGTH = 128
+#: Integer ids: ASCII digits that fit in int64 (``int()`` would also take other scripts' digits).
+_INTEGER_ID = r"-?[0-9]{1,19}"
+
+
+def text_objid(text: str) -> int:
+    """The int64 ``objid`` of a text id such as ``NGC1000``: a stable hash, always negative.
+
+    ``-(h >> 1) - 1`` for the first 8 bytes ``h`` of BLAKE2b of the UTF-8 text, so it lies in
+    ``[-2**63, -1]`` and never meets SDSS object ids (positive); the same text gives the same
+    id on every machine and run.  The text itself is kept in the catalogue's ``name`` column.
+    """
+    import hashlib
+
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return -(h >> 1) - 1
+
+
 def _parse_ids(ids: pd.Series, csv: Path, column: str) -> pd.Series:
-    """The id column (stripped text, shape ``(n_rows,)``) as unique int64 ids; rows are CSV row - 2."""
-    bad = ~ids.str.fullmatch(r"-?[0-9]{1,19}")  # ASCII only: int() would also take other digits
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row]!r} in column {column!r} is not an integer"
-        )
-    try:
-        objid = ids.map(int)
-        objid = objid.astype(np.int64)
-    except (OverflowError, ValueError) as exc:
-        raise DataError(f"labels CSV {csv}: an id does not fit in a 64-bit integer ({exc})") from exc
+    """The id column (stripped text, shape ``(n_rows,)``) as unique int64 ids; rows are CSV row - 2.
+
+    An id of ASCII digits that fits in int64 is that integer (an SDSS ``objid``); any other
+    text (``NGC1000``, ``J123456.7+012345``) maps to :func:`text_objid`.
+    """
+    empty = (ids == "").to_numpy()
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise DataError(f"labels CSV {csv}: row {row + 2}: the id in column {column!r} is empty")
+    unprintable = (~ids.map(lambda t: t.isprintable() and len(t) <= MAX_ID_LENGTH)).to_numpy()
+    if unprintable.any():
+        row = int(np.flatnonzero(unprintable)[0])
+        raise DataError(f"labels CSV {csv}: row {row + 2}: id {ids.iloc[row][:40]!r} in column {column!r} "
+                        f"has control characters or more than {MAX_ID_LENGTH} characters")
+
+    def one(text: str) -> int:
+        if re.fullmatch(_INTEGER_ID, text) and -(2**63) <= int(text) < 2**63:
+            return int(text)
+        return text_objid(text)
+
+    objid = ids.map(one).astype(np.int64)
     dup = objid[objid.duplicated()]
     if len(dup):
         rows = (np.flatnonzero((objid == dup.iloc[0]).to_numpy()) + 2).tolist()
-        raise DataError(f"labels CSV {csv}: duplicate id(s) {dup.head(5).tolist()}; id {dup.iloc[0]} is on rows {rows}")
+        texts = sorted({ids.iloc[r - 2] for r in rows})
+        raise DataError(f"labels CSV {csv}: duplicate id(s) [{', '.join(texts)}]; id {texts[0]} is on rows {rows} "
+                        f"(column {column!r}; a text id and an integer id may not name one object)")
     return objid
+
+
+def _parse_coordinates(df: pd.DataFrame, csv: Path) -> pd.DataFrame:
+    """Optional ``ra``/``dec`` columns of the labels CSV (degrees; empty: unknown) as float64.
+
+    Without the columns every position is unknown (NaN).  Values are checked by
+    :func:`galpipe.catalogue.check_coordinates` (numbers, in range, both or neither).
+    """
+    from galpipe.catalogue import check_coordinates
+
+    present = [c for c in ("ra", "dec") if c in df.columns]
+    if not present:
+        return pd.DataFrame({"ra": np.nan, "dec": np.nan}, index=df.index)
+    if len(present) == 1:
+        raise DataError(f"labels CSV {csv}: has a {present[0]!r} column but no "
+                        f"{'dec' if present[0] == 'ra' else 'ra'!r} column (give both or neither)")
+    coords = df[["ra", "dec"]].replace("", np.nan)
+    return check_coordinates(coords.assign(objid=df["objid"]), where=f"labels CSV {csv}")
 
 
 def _map_labels(raw: pd.Series, label_map: Mapping[str, str | None], csv: Path) -> pd.Series:
@@ -254,12 +314,12 @@ def _resolve_paths(paths: pd.Series, root: Path, csv: Path) -> list[str]:
 
 
 def build_catalogue(images: ImagesConfig | Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Catalogue of the ``images`` source (coordinates unknown: ``ra``/``dec`` are NaN).
+    """Catalogue of the ``images`` source (``ra``/``dec`` from the CSV, NaN where unknown).
 
     Returns
     -------
     catalogue : pandas.DataFrame
-        :func:`read_labels` with ``ra``, ``dec`` (NaN) inserted after ``objid``.
+        :func:`read_labels`' table.
     provenance : dict
         ``source``, ``labels_csv``, ``directory``, ``label_map``,
         ``class_counts`` and ``created_utc``.
@@ -272,8 +332,6 @@ def build_catalogue(images: ImagesConfig | Mapping[str, Any]) -> tuple[pd.DataFr
     params = images_section(images)
     labels = read_labels(params)
     check_duplicate_content(labels, str(params.labels_csv))
-    labels.insert(1, "ra", np.nan)
-    labels.insert(2, "dec", np.nan)
     counts = labels["label"].value_counts().sort_index().to_dict()
     provenance = {
         "source": "images",
@@ -308,7 +366,9 @@ def load_image(path: str | Path, *, size: int, crop_fraction: float = 1.0) -> tu
     Returns
     -------
     data : numpy.ndarray
-        ``(n_bands, size, size)``; uint8 for 8-bit images, float32 for FITS.
+        ``(n_bands, size, size)``; uint8 for 8-bit images, float32 for FITS; in
+        FITS row order, north up and east left with ``origin="lower"`` (see the
+        module docstring).
     bunit : str
         ``"DN"`` for 8-bit images, the FITS ``BUNIT`` (default ``"nanomaggy"``) otherwise.
     bands : list of str
@@ -355,8 +415,30 @@ def _load_8bit(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
         raise DataError(f"image {p}: corrupt or truncated image ({exc})") from exc
     box = _centre_crop_box(rgb.width, rgb.height, crop_fraction)
     small = rgb.resize((size, size), Image.Resampling.LANCZOS, box=box)
-    arr = np.asarray(small, dtype=np.uint8).transpose(2, 0, 1).copy()
+    # first row of a JPEG/PNG = top (north): the cutout convention has row 0 at the bottom
+    arr = image_rows_to_fits(np.asarray(small, dtype=np.uint8).transpose(2, 0, 1))
     return arr, "DN", list(RGB_BANDS)
+
+
+def _north_up(header: fits.Header, data: np.ndarray) -> np.ndarray:
+    """``data`` (shape ``(n_bands, ny, nx)``, FITS rows) flipped/transposed to north up, east left.
+
+    Only when ``header`` holds a usable celestial WCS on the image axes
+    (:func:`galpipe.io.cutout_fits.north_up_op`); otherwise the file is taken
+    as it is (assumed north up, east left).
+    """
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header)
+            if not wcs.has_celestial or sorted((wcs.wcs.lng, wcs.wcs.lat)) != [0, 1]:
+                return data  # no sky position on the image axes: nothing says where north is
+            op = north_up_op(wcs.celestial, data.shape[1:])
+    except (ValueError, TypeError, KeyError, MemoryError, DataError, AttributeError):
+        return data
+    return np.ascontiguousarray(apply_pixel_op(data, op))
 
 
 def _check_fits_size(p: Path, hdu: Any, naxes: list[int]) -> None:
@@ -402,7 +484,7 @@ def _load_fits(p: Path, size: int, crop_fraction: float) -> tuple[np.ndarray, st
                     )
                 _check_fits_size(p, hdu, naxes)
                 raw = np.asarray(hdu.data, dtype=np.float32)
-                data = raw[None] if raw.ndim == 2 else raw
+                data = _north_up(hdu.header, raw[None] if raw.ndim == 2 else raw)
                 bunit = str(hdu.header.get("BUNIT", "nanomaggy")) or "nanomaggy"
                 bands = [f"band{k}" for k in range(data.shape[0])]
     except DataError:
@@ -464,7 +546,7 @@ def make_cutouts(
     crop_fraction : float
         Fraction of the shorter image side kept by the centre crop.
     progress : bool
-        Show a tqdm progress bar.
+        Report progress (:mod:`galpipe.progress`).
 
     Returns
     -------
@@ -472,12 +554,11 @@ def make_cutouts(
         Manifest (:data:`galpipe.sources.base.MANIFEST_COLUMNS`), one row per
         galaxy in catalogue order.
     """
-    rows = []
-    it: Any = catalogue.itertuples(index=False)
-    if progress:
-        from tqdm import tqdm
+    from galpipe.progress import track
 
-        it = tqdm(it, total=len(catalogue), desc="cutouts", unit="gal")
+    rows = []
+    it: Any = track(catalogue.itertuples(index=False), "image cutouts", "galaxy", total=len(catalogue),
+                    enabled=progress)
     for row in it:
         objid = int(row.objid)
         try:
@@ -486,7 +567,8 @@ def make_cutouts(
             rows.append((objid, "", "failed", f"image {row.image_path}: cannot be read ({exc.strerror})", 0))
             continue
         cached = cache.load_valid(objid, size=size)
-        if cached is not None and cached.header.get("SRCHASH") == source_hash:  # made from these very bytes
+        if (cached is not None and cached.header.get("SRCHASH") == source_hash  # made from these very bytes
+                and int(cached.header.get("GPLAYOUT", 1)) >= LAYOUT_VERSION):  # v1: 8-bit rows upside down
             rows.append((objid, str(cache.path(objid)), "ok", "", 0))
             continue
         try:
@@ -566,11 +648,13 @@ class ImagesSource:
         catalogue stage reports it).
         """
         from galpipe.catalogue import check_catalogue, shard_catalogue
+        from galpipe.sources.base import shard_group_columns
 
         if not Path(str(self.section.labels_csv)).is_file():
             return [[] for _ in range(n_shards)]
         cat, _ = build_catalogue(self.section)
-        return [[Path(p) for p in part["image_path"]] for part in shard_catalogue(check_catalogue(cat), n_shards)]
+        parts = shard_catalogue(check_catalogue(cat), n_shards, group_columns=shard_group_columns(self))
+        return [[Path(p) for p in part["image_path"]] for part in parts]
 
     @classmethod
     def load_external(cls, path: PathLike, *, size: int, crop_fraction: float) -> ExternalImage:

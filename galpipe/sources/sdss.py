@@ -1,7 +1,9 @@
 """Live SDSS catalogue: validated SQL builders and an astroquery client.
 
-The catalogue is selected on SkyServer with :meth:`astroquery.sdss.SDSS.query_sql`
-(``GET {skyserver_url}/dr{DR}/en/tools/search/x_results.aspx?cmd=...&format=csv``),
+The catalogue is selected on SkyServer with astroquery's
+:meth:`astroquery.sdss.SDSS.query_sql_async` (``GET
+{skyserver_url}/dr{DR}/en/tools/search/x_results.aspx?cmd=...&format=csv``; the
+answer is checked and parsed here, see :func:`parse_sql_response`),
 one class at a time (balanced sampling, ``n_per_class`` galaxies each), and
 paged with a keyset on ``objid``::
 
@@ -17,25 +19,46 @@ both and counted in the provenance.  The sample is deterministic: the lowest
 ``objid`` values that pass the cuts (the seed is recorded, not used -- SQL
 Server's ``NEWID()`` ordering would not be reproducible).
 
-Label schemes (``sdss.labels.scheme``):
+Label schemes (``sdss.labels.scheme``); every table and column named here is in
+DR17's schema (``galpipe/testing/dr17_columns.json``, derived from sciserver/sqlloader):
 
 ``gz1_flags``
-    Galaxy Zoo 1 ``ZooSpec`` joined to ``PhotoObj`` (on ``objid``) and
-    ``SpecObj`` (on ``specobjid``); ``spiral`` = ``z.spiral = 1``,
+    Galaxy Zoo 1 ``zooSpec`` joined to ``PhotoObj`` on ``objid`` (zooSpec's DR8
+    objid); ``specobjid`` is zooSpec's own.  ``spiral`` = ``z.spiral = 1``,
     ``elliptical`` = ``z.elliptical = 1``, always with ``z.uncertain = 0``
-    (the debiased, 80 per cent "clean" flags of Lintott et al. 2011).
+    (the debiased, 80 per cent "clean" flags of Lintott et al. 2011).  No join
+    to ``SpecObj``: it would only repeat ``specobjid`` and would drop every
+    galaxy whose DR7 spectrum is not DR17's science-primary one.
 ``gz1_fractions``
     The same tables; each class is defined by thresholds on GZ1 vote fractions,
     ``{column: minimum}`` or ``{column: {min: .., max: ..}}`` with columns from
     :data:`GZ1_FRACTION_COLUMNS`.
 ``gz2``
-    Galaxy Zoo 2 ``zoo2MainSpecz`` joined on ``dr8objid``/``specobjid``; the
-    first letter of ``gz2class`` gives the class: ``E...`` -> ``elliptical``,
-    ``S...`` -> ``spiral`` (barred ``SB...`` and edge-on ``Se...`` included);
-    ``A`` (star/artifact) is never selected.
+    Galaxy Zoo 2 ``zoo2MainSpecz`` joined to ``PhotoObj`` on ``dr8objid``
+    (``specobjid`` is zoo2MainSpecz's own; DR17 has no ``gz2class`` column).
+    The classes use the clean-sample flags of Willett et al. (2013, MNRAS 435,
+    2835; "1 if galaxy is in clean sample" in the DR17 schema), see
+    :data:`GZ2_CLASS_FLAGS`: ``elliptical`` = smooth
+    (``t01_smooth_or_features_a01_smooth_flag = 1``); ``spiral`` = features
+    or disk *and* spiral arms (``t01_smooth_or_features_a02_features_or_disk_flag
+    = 1`` and ``t04_spiral_a08_spiral_flag = 1``).  Edge-on discs (whose arms
+    cannot be seen), discs without arms and star/artifact votes are in neither
+    class.
 ``spec_class``
     ``SpecObj.class`` of the best spectrum: ``galaxy``/``star``/``qso``
     (``GALAXY``/``STAR``/``QSO``), joined on ``s.bestobjid = p.objid``.
+
+Errors, as SkyServer reports them (see :func:`parse_sql_response`): a SQL
+Server error comes back as HTTP 200 with an HTML "Skyserver Error" page whose
+``<font color=red>`` holds the message -- it is put into the
+:class:`~galpipe.errors.SourceError` and not retried (unless it is a transient
+one: a timeout, a deadlock); a rejection by ``spExecuteSQL`` comes back as a
+CSV table with one ``error_message`` column -- the per-client rate limit
+("Maximum 60 queries allowed per minute") is waited out
+(``sdss.query.rate_limit_wait_s``) and retried within ``max_retries``, any
+other rejection (TOP above the row cap, ...) fails at once with the message.
+An empty or one-line body, another HTML page or a cut table is junk, retried
+``max_junk_retries`` times.
 
 Configuration: every function takes the validated, typed section
 (:class:`galpipe.settings.SdssConfig`); the schema has checked each value's type
@@ -53,8 +76,11 @@ table/column/literal strings taken from fixed whitelists in this module.
 
 from __future__ import annotations
 
+import csv
+import html
 import math
 import random
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -95,7 +121,7 @@ SCHEME_DEFAULT_CLASSES: dict[str, tuple[str, ...]] = {
     "gz2": ("spiral", "elliptical"),
     "spec_class": ("galaxy", "star", "qso"),
 }
-#: Galaxy Zoo 1 vote-fraction columns of ``ZooSpec`` usable in thresholds.
+#: Galaxy Zoo 1 vote-fraction columns of ``zooSpec`` usable in thresholds.
 GZ1_FRACTION_COLUMNS: tuple[str, ...] = (
     "p_el",
     "p_cw",
@@ -107,8 +133,17 @@ GZ1_FRACTION_COLUMNS: tuple[str, ...] = (
     "p_el_debiased",
     "p_cs_debiased",
 )
-#: ``gz2class`` first letter of each GZ2 class (fixed literals, never user text).
-GZ2_PREFIX: dict[str, str] = {"elliptical": "E", "spiral": "S"}
+#: ``zoo2MainSpecz`` clean-sample flags (Willett et al. 2013) that must all be 1 for each GZ2 class.
+GZ2_CLASS_FLAGS: dict[str, tuple[str, ...]] = {
+    "elliptical": ("t01_smooth_or_features_a01_smooth_flag",),
+    "spiral": ("t01_smooth_or_features_a02_features_or_disk_flag", "t04_spiral_a08_spiral_flag"),
+}
+#: ``zoo2MainSpecz`` debiased vote fractions returned with the gz2 scheme.
+GZ2_FRACTION_COLUMNS: tuple[str, ...] = (
+    "t01_smooth_or_features_a01_smooth_debiased",
+    "t01_smooth_or_features_a02_features_or_disk_debiased",
+    "t04_spiral_a08_spiral_debiased",
+)
 #: ``SpecObj.class`` value of each spec_class label.
 SPEC_CLASS_VALUE: dict[str, str] = {"galaxy": "GALAXY", "star": "STAR", "qso": "QSO"}
 
@@ -133,7 +168,7 @@ PHOTO_COLUMNS: tuple[str, ...] = (
 #: Label-source columns per scheme: (SQL expression, output name).
 LABEL_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "gz1_flags": (
-        ("s.specobjid", "specobjid"),
+        ("z.specobjid", "specobjid"),
         ("z.nvote", "nvote"),
         *((f"z.{c}", c) for c in GZ1_FRACTION_COLUMNS),
         ("z.spiral", "spiral"),
@@ -141,9 +176,10 @@ LABEL_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("z.uncertain", "uncertain"),
     ),
     "gz2": (
-        ("s.specobjid", "specobjid"),
-        ("z.gz2class", "gz2class"),
+        ("z.specobjid", "specobjid"),
         ("z.total_classifications", "total_classifications"),
+        *((f"z.{c}", c) for c in GZ2_FRACTION_COLUMNS),
+        *((f"z.{c}", c) for c in dict.fromkeys(f for flags in GZ2_CLASS_FLAGS.values() for f in flags)),
     ),
     "spec_class": (
         ("s.specobjid", "specobjid"),
@@ -154,13 +190,8 @@ LABEL_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 LABEL_COLUMNS["gz1_fractions"] = LABEL_COLUMNS["gz1_flags"]
 
 _FROM: dict[str, str] = {
-    "gz1_flags": (
-        "FROM ZooSpec AS z JOIN PhotoObj AS p ON p.objid = z.objid JOIN SpecObj AS s ON s.specobjid = z.specobjid"
-    ),
-    "gz2": (
-        "FROM zoo2MainSpecz AS z JOIN PhotoObj AS p ON p.objid = z.dr8objid "
-        "JOIN SpecObj AS s ON s.specobjid = z.specobjid"
-    ),
+    "gz1_flags": "FROM zooSpec AS z JOIN PhotoObj AS p ON p.objid = z.objid",
+    "gz2": "FROM zoo2MainSpecz AS z JOIN PhotoObj AS p ON p.objid = z.dr8objid",
     "spec_class": "FROM PhotoObj AS p JOIN SpecObj AS s ON s.bestobjid = p.objid",
 }
 _FROM["gz1_fractions"] = _FROM["gz1_flags"]
@@ -184,6 +215,8 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "expAB_r",
 )
 _INT_COLUMNS = ("run", "rerun", "camcol", "field")
+#: Integer label-source columns (besides the ``*_flag`` columns of zoo2MainSpecz).
+_LABEL_INT_COLUMNS = ("nvote", "spiral", "elliptical", "uncertain", "total_classifications")
 MAX_OBJID = 2**63 - 1
 
 
@@ -347,7 +380,7 @@ def build_class_where(sdss: SdssConfig | Mapping[str, Any], label: str) -> list[
                 conds.append(f"z.{name} <= {sql_float(hi)}")
         return conds
     if scheme == "gz2":
-        return [f"z.gz2class LIKE '{GZ2_PREFIX[label]}%'"]
+        return [f"z.{_sql_name(flag, GZ2_CLASS_FLAGS[label])} = 1" for flag in GZ2_CLASS_FLAGS[label]]
     return [f"s.class = '{SPEC_CLASS_VALUE[label]}'"]
 
 
@@ -433,42 +466,205 @@ class _JunkBudget:
         raise SourceError(error) from cause
 
 
-def _send_query(sql: str, *, dr: int, timeout_s: float, junk: _JunkBudget) -> Any:
-    """One ``SDSS.query_sql`` call; transport errors become retryable or :class:`SourceError`.
+#: SQL Server messages of a failure that may pass on a retry (timeouts, deadlocks, lost
+#: connections); any other SQL error on a "Skyserver Error" page is permanent.
+TRANSIENT_SQL_ERRORS = re.compile(
+    r"timeout expired|deadlock|transport-level error|network-related|connection (?:was )?(?:closed|broken"
+    r"|forcibly)|server is not responding|insufficient system memory|service is currently busy",
+    re.IGNORECASE,
+)
+#: spExecuteSQL's per-client throttle message ("ERROR: Maximum 60 queries allowed per minute. Rejected
+#: query: ..."; sciserver/sqlloader schema/sql/spSQLSupport.sql, procedure spExecuteSQL).
+RATE_LIMIT_MESSAGE = re.compile(r"maximum\s+\d+\s+queries\s+allowed\s+per\s+minute", re.IGNORECASE)
+_FONT_RED = re.compile(r"<font\s+color\s*=\s*[\"']?red[\"']?\s*>(.*?)</font\s*>", re.IGNORECASE | re.DOTALL)
+_TITLE = re.compile(r"<title\s*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+#: Id columns astroquery's SDSS parser casts to uint64 (astroquery.sdss.core.SDSSClass._parse_result).
+_ID_COLUMNS = ("objid", "specobjid", "objID", "specobjID", "specObjID")
+
+
+class SqlRejected(SourceError):
+    """SkyServer refused a statement for good (a SQL Server error or an ``spExecuteSQL`` rejection).
+
+    Attributes
+    ----------
+    server_message : str
+        The server's own message (SQL Server's text, or the ``error_message`` value).
+    """
+
+    def __init__(self, message: str, server_message: str) -> None:
+        super().__init__(message)
+        self.server_message = server_message
+
+
+def _one_line(text: str, n: int = 300) -> str:
+    """``text`` on one line, at most ``n`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= n else flat[: n - 3] + "..."
+
+
+def skyserver_error_message(text: str) -> str | None:
+    """The SQL Server message of SkyServer's HTML error page, or None if ``text`` is not one.
+
+    ``x_results.aspx`` reports a failed statement as HTTP 200 with a page titled
+    ``Skyserver Error`` whose message stands in ``<font color=red>...</font>``
+    (HTML-encoded, ended by ``<br>``).  The tags are removed, entities decoded and
+    whitespace collapsed; a page with the title but no red text gives ``""``.
+    """
+    head = text[:4096]
+    title = _TITLE.search(head)
+    if title is None or "skyserver error" not in title.group(1).lower():
+        return None
+    found = _FONT_RED.search(text)
+    if found is None:
+        return ""
+    return " ".join(html.unescape(_TAG.sub(" ", found.group(1))).split())
+
+
+def error_message_rows(text: str) -> list[str] | None:
+    """The values of an ``spExecuteSQL`` rejection (a CSV table whose only column is
+    ``error_message``), or None if ``text`` is another answer."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not lines or lines[0].strip().lower() != "error_message":
+        return None
+    return [" ".join(row).strip() for row in csv.reader(lines[1:]) if row]
+
+
+def read_skyserver_csv(text: str) -> Any:
+    """SkyServer's CSV answer (``#Table1``, a header line, rows) as an astropy table, None if it has no rows.
+
+    The same reading as astroquery's ``SDSSClass._parse_result`` (``ascii.csv``,
+    ``#`` comments, the id columns cast to uint64: DR17 spectrum ids exceed int64
+    and are read as text first), except that the lines are passed as a list:
+    astropy reads a *string* without a newline as a file name, so an empty or
+    one-line body would open a file (``IsADirectoryError`` for ``""``,
+    ``FileNotFoundError`` otherwise) instead of failing as data.
+
+    Raises
+    ------
+    ValueError
+        The text is not a CSV table (astropy's reader found no consistent table).
+    """
+    from astropy.table import Table
+
+    with warnings.catch_warnings():
+        # ids above 2**63 (DR17 spectra) are read as text, then cast to uint64 below
+        warnings.filterwarnings("ignore", message=r"OverflowError converting to IntType in column .*")
+        table = Table.read(text.splitlines(), format="ascii.csv", comment="#")
+    for name in _ID_COLUMNS:
+        if name in table.colnames:
+            table[name] = table[name].astype(np.uint64)
+    return table if len(table) else None
+
+
+@dataclass(frozen=True)
+class SqlAnswer:
+    """What one SQL request got: the HTTP status, the ``Retry-After`` header and the body text."""
+
+    status: int
+    retry_after: str | None
+    text: str
+
+
+def parse_sql_response(answer: SqlAnswer, *, dr: int, sql: str, junk: _JunkBudget,
+                       rate_limit_wait_s: float) -> Any:
+    """Turn one SkyServer SQL answer into an astropy table (None: no rows) or the right error.
+
+    Parameters
+    ----------
+    answer : SqlAnswer
+        Status, ``Retry-After`` and body text of the response.
+    dr : int
+        Data release (for messages).
+    sql : str
+        The statement sent (for messages).
+    junk : _JunkBudget
+        Retries left for answers that are not a CSV table.
+    rate_limit_wait_s : float
+        Seconds to wait after a rate-limit rejection before the retry.
+
+    Returns
+    -------
+    astropy.table.Table or None
+
+    Raises
+    ------
+    RetryableError
+        HTTP 429/5xx (``Retry-After`` honoured), a transient SQL Server error, the
+        rate-limit rejection (wait ``rate_limit_wait_s``), or junk while the budget lasts.
+    SqlRejected
+        A permanent SQL Server error (its message included) or another ``spExecuteSQL``
+        rejection (its ``error_message``); never retried.
+    SourceError
+        Another HTTP error status, or junk once the budget is spent.
+    """
+    text = answer.text
+    if answer.status >= 400:
+        said = skyserver_error_message(text)
+        shown = said if said else _one_line(_TAG.sub(" ", text), 160)
+        if answer.status in RETRY_STATUSES:
+            raise RetryableError(f"HTTP {answer.status}" + (f" ({said})" if said else ""),
+                                 parse_retry_after(answer.retry_after))
+        raise SourceError(f"SkyServer DR{dr} refused the query (HTTP {answer.status}: {shown!r}): {sql[:160]}...")
+    message = skyserver_error_message(text)
+    if message is not None:
+        if TRANSIENT_SQL_ERRORS.search(message):
+            raise RetryableError(f"SkyServer SQL error (transient): {_one_line(message, 160)}")
+        raise SqlRejected(f"SkyServer DR{dr} SQL error: {message or '(the error page gives no message)'}; "
+                          f"query: {sql[:200]}...", message)
+    rejections = error_message_rows(text)
+    if rejections is not None:
+        reason = _one_line(" | ".join(rejections), 400) or "(empty error_message)"
+        if RATE_LIMIT_MESSAGE.search(reason):
+            raise RetryableError(f"SkyServer rate limit: {_one_line(reason, 80)}", rate_limit_wait_s)
+        cap = re.search(r"limit is\s+top\s+(\d+)", reason, re.IGNORECASE)
+        hint = f" (its row cap is {cap.group(1)}: set sdss.query.page_size to at most that)" if cap else ""
+        raise SqlRejected(f"SkyServer DR{dr} rejected the query (spExecuteSQL){hint}: {reason}", reason)
+    body = text.strip().lstrip("\ufeff")
+    if not body or "\n" not in body:
+        junk.retry_or_fail(
+            f"{'empty' if not body else 'one-line'} answer {body[:60]!r}",
+            f"SkyServer DR{dr} answered HTTP {answer.status} with "
+            + ("an empty body" if not body else f"a single line, not a CSV table: {_one_line(body, 200)!r}"),
+        )
+    if body[:1] == "<":
+        title = _TITLE.search(body[:4096])
+        junk.retry_or_fail(
+            "HTML page instead of CSV",
+            f"SkyServer DR{dr} answered with an HTML page, not a CSV table"
+            + (f" (title {_one_line(title.group(1), 80)!r})" if title else "")
+            + f": {_one_line(_TAG.sub(' ', body), 200)!r}",
+        )
+    try:
+        return read_skyserver_csv(text)
+    except ValueError as exc:  # astropy's reader: ragged or otherwise not a table
+        junk.retry_or_fail(
+            f"unparsable response ({_one_line(str(exc), 80)})",
+            f"SkyServer DR{dr} answered with something that is not a CSV table: "
+            f"{_one_line(str(exc), 120)}; body: {_one_line(body, 160)!r}",
+            exc,
+        )
+
+
+def _send_query(sql: str, *, dr: int, timeout_s: float, junk: _JunkBudget, rate_limit_wait_s: float) -> Any:
+    """One request through astroquery's ``SDSS.query_sql_async``; the answer goes to :func:`parse_sql_response`.
+
+    astroquery builds the request (URL ``{skyserver}/dr{DR}/en/tools/search/x_results.aspx``,
+    ``cmd``, ``format=csv``, ``searchtool=SQL``); the answer is checked here rather
+    than by astroquery's own parser, which cannot tell SkyServer's error page or an
+    ``spExecuteSQL`` rejection from data.  Transport errors are retryable.
 
     Returns the astropy table (None for an empty result).
     """
-    from astroquery.exceptions import RemoteServiceError
-
     sdss, _conf, _ = _astroquery()
     try:
-        with warnings.catch_warnings():
-            # ids above 2**63 (DR17 spectra) are read as text; astroquery casts them to uint64
-            warnings.filterwarnings("ignore", message=r"OverflowError converting to IntType in column .*obj")
-            return sdss.query_sql(sql, data_release=dr, timeout=timeout_s, cache=False)
-    except requests.HTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in RETRY_STATUSES:
-            retry_after = parse_retry_after(
-                exc.response.headers.get("Retry-After") if exc.response is not None else None
-            )
-            raise RetryableError(f"HTTP {status}", retry_after) from exc
-        raise SourceError(f"SkyServer DR{dr} refused the query (HTTP {status}): {sql[:160]}...") from exc
+        response = sdss.query_sql_async(sql, data_release=dr, timeout=timeout_s, cache=False)
+        answer = SqlAnswer(int(response.status_code), response.headers.get("Retry-After"), response.text)
     except (requests.Timeout, requests.ConnectionError) as exc:
         raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
     except requests.exceptions.ChunkedEncodingError as exc:
         raise RetryableError(f"truncated response ({exc})") from exc
-    except RemoteServiceError as exc:
-        raise SourceError(
-            f"SkyServer DR{dr} reported an error for the query: {' '.join(str(exc).split())[:300]}"
-        ) from exc
-    except ValueError as exc:  # astropy's CSV reader choking on an HTML page
-        junk.retry_or_fail(
-            f"unparsable response ({exc})",
-            f"SkyServer DR{dr} answered with something that is not a CSV table "
-            f"(an HTML error page?): {' '.join(str(exc).split())[:200]}",
-            exc,
-        )
+    return parse_sql_response(answer, dr=dr, sql=sql, junk=junk, rate_limit_wait_s=rate_limit_wait_s)
 
 
 def _table_to_frame(table: Any, *, dr: int, expected: Sequence[str], junk: _JunkBudget) -> pd.DataFrame:
@@ -484,7 +680,7 @@ def _table_to_frame(table: Any, *, dr: int, expected: Sequence[str], junk: _Junk
         junk.retry_or_fail(
             f"junk table with columns {table.colnames[:3]}",
             f"SkyServer DR{dr} answered with a table lacking columns {missing[:5]} "
-            f"(an HTML error page served with status 200?); got: {_snippet(table)!r}",
+            f"(not the columns the query selects); got: {_snippet(table)!r}",
         )
     frame = table.to_pandas()
     incomplete = frame[list(expected)].isna().any(axis=1)
@@ -513,8 +709,11 @@ class _QueryRun:
 def _run_query(sql: str, run: _QueryRun) -> pd.DataFrame | None:
     """Send one SQL statement through astroquery, with rate limit and retries.
 
-    Returns None for an empty result; raises SourceError for anything that
-    is not the expected CSV table, or when the retries are exhausted.
+    Returns None for an empty result.  Raises :class:`SqlRejected` at once for a
+    permanent SQL error or ``spExecuteSQL`` rejection (no retry), and
+    :class:`SourceError` for anything else that is not the expected CSV table once
+    the junk budget is spent, or when the retries are exhausted (a rate-limit
+    rejection takes a retry, after ``rate_limit_wait_s``).
     """
     dr = run.sdss.data_release
     q = run.sdss.query
@@ -522,7 +721,7 @@ def _run_query(sql: str, run: _QueryRun) -> pd.DataFrame | None:
 
     def attempt() -> pd.DataFrame | None:
         run.n_queries += 1
-        table = _send_query(sql, dr=dr, timeout_s=q.timeout_s, junk=junk)
+        table = _send_query(sql, dr=dr, timeout_s=q.timeout_s, junk=junk, rate_limit_wait_s=q.rate_limit_wait_s)
         return None if table is None else _table_to_frame(table, dr=dr, expected=run.expected, junk=junk)
 
     try:
@@ -532,6 +731,7 @@ def _run_query(sql: str, run: _QueryRun) -> pd.DataFrame | None:
             max_retries=q.max_retries,
             backoff_base_s=q.backoff_base_s,
             backoff_max_s=q.backoff_max_s,
+            retry_after_max_s=max(300.0, q.rate_limit_wait_s),
             rng=random.Random(0),
             before_attempt=run.limiter.acquire,
         )
@@ -596,9 +796,9 @@ def _finish(frame: pd.DataFrame, scheme: str) -> pd.DataFrame:
         out[c] = out[c].astype(np.float64)
     extra = [name for _, name in LABEL_COLUMNS[scheme] if name != "specobjid"]
     for name in extra:
-        if name in ("gz2class", "spec_class"):
+        if name == "spec_class":
             out[name] = out[name].astype(str).str.strip()
-        elif name in ("nvote", "spiral", "elliptical", "uncertain", "total_classifications"):
+        elif name in _LABEL_INT_COLUMNS or name.endswith("_flag"):
             out[name] = out[name].astype(np.int64)
         else:
             out[name] = out[name].astype(np.float64)
@@ -615,7 +815,8 @@ def _drop_ambiguous(per_class: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, in
 
 
 def query_catalogue(
-    sdss: SdssConfig | Mapping[str, Any], *, seed: int, bands: Sequence[str]
+    sdss: SdssConfig | Mapping[str, Any], *, seed: int, bands: Sequence[str],
+    rate_state_dir: PathLike | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Select a labelled galaxy catalogue on SkyServer.
 
@@ -632,6 +833,9 @@ def query_catalogue(
     bands : sequence of str
         Imaging bands of the run, recorded in the provenance; all five
         Petrosian magnitudes are returned regardless.
+    rate_state_dir : path-like, optional
+        Folder of the shared request budgets (:mod:`galpipe.sources.ratelimit`);
+        default ``FRAME_CACHE_ROOT / "rate"`` (``resources/sdss/rate``).
 
     Returns
     -------
@@ -640,7 +844,7 @@ def query_catalogue(
         :data:`OUTPUT_COLUMNS` (``objid`` int64, ``specobjid`` uint64 -- DR17
         spectrum ids exceed int64 -- ``run``/``rerun``/``camcol``/``field``
         int64, photometry float64, ``label`` str) followed by the scheme's
-        label-source columns (vote fractions and flags, ``gz2class``, or
+        label-source columns (vote fractions and flags, GZ2 debiased fractions and flags, or
         ``spec_class``/``redshift``).
     provenance : dict
         ``sql`` (every statement sent, in order), ``data_release``,
@@ -661,7 +865,11 @@ def query_catalogue(
     scheme = sdss.labels.scheme
     classes = label_classes(sdss)
     build_queries(sdss)  # every statement can be built before the first request
-    run = _QueryRun(sdss=sdss, limiter=RateLimiter(sdss.query.max_queries_per_minute / 60.0, burst=1),
+    # one SQL budget per SkyServer host, shared by every process using resources/sdss (ratelimit.SQL_SCOPE)
+    limiter = RateLimiter.for_service(sdss.query.max_queries_per_minute / 60.0, burst=1, url=sdss.skyserver_url,
+                                      state_dir=FRAME_CACHE_ROOT / "rate" if rate_state_dir is None
+                                      else rate_state_dir, scope="sql")
+    run = _QueryRun(sdss=sdss, limiter=limiter,
                     expected=[name for _, name in select_columns(scheme)])
     _sdss, conf, aq_version = _astroquery()
     started = datetime.now(UTC)
@@ -745,6 +953,14 @@ class SdssSource(NoLocalFiles):
         """1.0: stamps are cut around each galaxy, an external image is not cropped."""
         return 1.0
 
+    @property
+    def shard_group_columns(self) -> tuple[str, ...]:
+        """``sdss-frames``: the field (``run, rerun, camcol, field``), so all of a field's galaxies
+        share a shard and each frame is fetched by one job; JPEGs: none (one request per galaxy)."""
+        if self.section.cutouts.provider == "sdss-frames":
+            return ("run", "rerun", "camcol", "field")
+        return ()
+
     def params(self) -> dict[str, Any]:
         """``source``, ``seed``, the ``sdss`` section, ``bands`` and ``cutout_size`` (plain data)."""
         return {
@@ -757,7 +973,8 @@ class SdssSource(NoLocalFiles):
 
     def catalogue(self) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The SkyServer selection (:func:`query_catalogue`) and its provenance."""
-        return query_catalogue(self.section, seed=self.cfg.seed, bands=self.cfg.bands)
+        return query_catalogue(self.section, seed=self.cfg.seed, bands=self.cfg.bands,
+                               rate_state_dir=self.frame_cache_dir / "rate")
 
     def make_cutouts(self, shard: pd.DataFrame, cache: CutoutCache, *, progress: bool = False) -> pd.DataFrame:
         """Fetch the cutouts of ``shard`` into ``cache`` (:func:`galpipe.sources.sdss_cutouts.fetch_cutouts`).

@@ -8,10 +8,19 @@ Two providers (``sdss.cutouts.provider``):
     are fetched once from the SAS (the URL astroquery's ``SDSS.get_images``
     builds from ``conf.sas_baseurl``; here from ``sdss.sas_url``), verified, and
     kept in a size-bounded LRU cache under ``{cache_dir}/frames/dr{DR}/...``.
-    Each galaxy's stamp is cut from HDU 0 (nanomaggies) of every band with
+    Only HDU 0 (the 2048 x 1489 image in nanomaggies) is used; the calibration,
+    sky and trace HDUs are verified to be there and otherwise ignored.
+    Each galaxy's stamp is cut from HDU 0 of every band with
     ``Cutout2D(data, SkyCoord(ra, dec), (size, size), wcs=frame_wcs,
-    mode='partial', fill_value=nan)``; pixels off the frame are NaN and counted
-    in ``NFILLED`` (pixels NaN-filled in at least one band).
+    mode='partial', fill_value=nan)``, then turned north up, east left in FITS
+    row order (row 0 = south edge) by an exact transpose/flip: drift-scan frames
+    are transposed, columns running across the scan (:func:`.cutout_fits.north_up_op`).
+    Pixels off the frame are NaN and counted in ``NFILLED`` (pixels NaN-filled
+    in at least one band); a stamp with more than
+    ``sdss.cutouts.max_fill_fraction`` of its pixels filled fails, its reason
+    giving the count.  Callers shard catalogues by field
+    (:attr:`.sdss.SdssSource.shard_group_columns`), so each frame is fetched
+    by one job.
 ``skyserver-jpeg``
     SkyServer ``/dr{DR}/SkyServerWS/ImgCutout/getjpeg`` colour cutouts (what
     Galaxy Zoo volunteers saw), written as ``bunit="DN"`` uint8 with bands
@@ -19,7 +28,14 @@ Two providers (``sdss.cutouts.provider``):
     arcsec/pixel; ``petro`` uses ``jpeg_span_r90 * petroR90_r / size`` so the
     stamp side spans ``jpeg_span_r90`` Petrosian R90 radii whatever ``size`` is
     (the default 8.48 equals Galaxy Zoo 2's 0.02 x petroR90_r arcsec/pixel on
-    424-pixel images); the scale is clipped to [0.05, 30] arcsec/pixel.
+    424-pixel images); the scale is clipped to [0.05, 30] arcsec/pixel and to
+    what ImgCutout can serve.  Requests stay within ImgCutout's limits
+    (:data:`JPEG_SIDE_LIMITS`, :data:`JPEG_SCALE_LIMITS`; it silently clamps
+    anything else): a cutout smaller than 64 pixels is fetched at 64 pixels
+    over the same field of view and area-averaged down to ``size`` locally
+    (:func:`jpeg_request`, :func:`resample_area`).  JPEG rows (top = north)
+    are turned into the FITS row order of :mod:`galpipe.io.cutout_fits`
+    (north up, east left with ``origin="lower"``).
 
 Both use one :class:`~galpipe.sources.download.Downloader` (bounded thread
 pool, shared token-bucket rate limit, retries with backoff honouring
@@ -39,6 +55,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +64,12 @@ import pandas as pd
 from astropy.coordinates import SkyCoord
 from astropy.nddata import Cutout2D
 from astropy.nddata.utils import NoOverlapError
+from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from galpipe.errors import ConfigError, DataError, GalpipeError
 from galpipe.io.atomic import atomic_write_bytes
+from galpipe.io.cutout_fits import apply_pixel_op, image_rows_to_fits, north_up_op, transform_wcs
 from galpipe.settings import SdssConfig, SdssCutouts
 from galpipe.sources.base import CutoutCache, PathLike, manifest_frame
 from galpipe.sources.download import (
@@ -64,7 +83,16 @@ from galpipe.sources.sdss import sdss_section
 
 PROVIDERS: tuple[str, ...] = ("sdss-frames", "skyserver-jpeg")
 JPEG_BANDS: tuple[str, ...] = ("red", "green", "blue")
+#: ``jpeg_scale_mode: petro``: the cutout's arcsec/pixel is clipped to this range.
 JPEG_SCALE_RANGE: tuple[float, float] = (0.05, 30.0)
+#: ImgCutout's width/height limits for SDSS images, pixels: SkyServerWS (github.com/sciserver/
+#: SkyServerWS, commit 7cc9bb3eb8cf3788176ebbb4783c8cfe9cc75e60) Sciserver_webService/ImgCutout/
+#: ImgCutout.cs lines 30-33, applied by clamping (``validateInput``, lines 709-710), never refused.
+JPEG_SIDE_LIMITS: tuple[int, int] = (64, 2048)
+#: ImgCutout's scale limits, arcsec/pixel: 0.015 (ImgCutout.cs line 35) to 60, the documented
+#: upper limit (doc comment line 217, getJpegController.cs lines 38 and 74); the code clamps at
+#: 2400 (line 34, line 711).  galpipe keeps every request inside this range.
+JPEG_SCALE_LIMITS: tuple[float, float] = (0.015, 60.0)
 #: SDSS imaging bands a frame exists for.
 FRAME_BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
 #: Temp files of ``galpipe.io.atomic.atomic_path`` older than this are removed from the frame cache.
@@ -104,14 +132,113 @@ def jpeg_url(skyserver_url: str, dr: int) -> str:
     return f"{skyserver_url.rstrip('/')}/dr{dr}/SkyServerWS/ImgCutout/getjpeg"
 
 
-def jpeg_scale(cutouts: SdssCutouts, petro_r90: float | None, size: int) -> float:
-    """Arcsec/pixel of a JPEG cutout (fixed, or ``span * petroR90_r / size``, clipped)."""
+@dataclass(frozen=True)
+class JpegRequest:
+    """One ImgCutout request for a ``size`` x ``size`` cutout.
+
+    Attributes
+    ----------
+    side : int
+        ``width`` = ``height`` asked for: ``max(size, 64)``, within :data:`JPEG_SIDE_LIMITS`.
+    request_scale : float
+        ``scale`` asked for (arcsec/pixel), within :data:`JPEG_SCALE_LIMITS`.
+    cutout_scale : float
+        Arcsec/pixel of the cutout after area-averaging ``side`` down to ``size``
+        pixels (``request_scale * side / size``; the field of view is the same).
+    """
+
+    side: int
+    request_scale: float
+    cutout_scale: float
+
+
+def jpeg_side(size: int) -> int:
+    """Pixels per side to request for a ``size``-pixel cutout: ``size`` within :data:`JPEG_SIDE_LIMITS`."""
+    return int(min(max(int(size), JPEG_SIDE_LIMITS[0]), JPEG_SIDE_LIMITS[1]))
+
+
+def jpeg_cutout_scale_limits(size: int) -> tuple[float, float]:
+    """The cutout arcsec/pixel range a ``size``-pixel cutout can have with requests inside ImgCutout's limits."""
+    factor = jpeg_side(size) / int(size)
+    return JPEG_SCALE_LIMITS[0] * factor, JPEG_SCALE_LIMITS[1] * factor
+
+
+def jpeg_request(cutouts: SdssCutouts, petro_r90: float | None, size: int) -> JpegRequest:
+    """What to ask ImgCutout for so that the cutout is ``size`` pixels at the configured scale.
+
+    ``fixed``: the cutout scale is ``jpeg_scale``.  ``petro``: ``jpeg_span_r90 *
+    petroR90_r / size``, clipped to :data:`JPEG_SCALE_RANGE` and to
+    :func:`jpeg_cutout_scale_limits`.  The request is ``side = max(size, 64)`` pixels
+    at ``cutout_scale * size / side`` arcsec/pixel: the same field of view.
+
+    Raises
+    ------
+    DataError
+        ``petro`` and ``petroR90_r`` is not a positive number.
+    ConfigError
+        ``fixed`` and ``jpeg_scale`` at this ``size`` would ask for a scale outside
+        ImgCutout's limits (validation refuses such a config first).
+    """
+    side = jpeg_side(size)
+    lo, hi = jpeg_cutout_scale_limits(size)
     if cutouts.jpeg_scale_mode == "fixed":
-        return float(cutouts.jpeg_scale)
-    if petro_r90 is None or not np.isfinite(petro_r90) or petro_r90 <= 0:
-        raise DataError(f"petroR90_r {petro_r90!r} is not a positive number (jpeg_scale_mode=petro)")
-    scale = float(cutouts.jpeg_span_r90) * float(petro_r90) / size
-    return float(np.clip(scale, *JPEG_SCALE_RANGE))
+        scale = float(cutouts.jpeg_scale)
+        if not lo <= scale <= hi:
+            raise ConfigError(
+                f"sdss.cutouts.jpeg_scale: {scale} arcsec/pixel at cutout_size {size} would ask ImgCutout for "
+                f"{scale * size / side:.6g} arcsec/pixel on {side} pixels, outside its limits "
+                f"{list(JPEG_SCALE_LIMITS)}; use {lo:.6g}..{hi:.6g} at this size")
+    else:
+        if petro_r90 is None or not np.isfinite(petro_r90) or petro_r90 <= 0:
+            raise DataError(f"petroR90_r {petro_r90!r} is not a positive number (jpeg_scale_mode=petro)")
+        scale = float(cutouts.jpeg_span_r90) * float(petro_r90) / size
+        scale = float(np.clip(scale, max(JPEG_SCALE_RANGE[0], lo), min(JPEG_SCALE_RANGE[1], hi)))
+    request = float(np.clip(scale * size / side, *JPEG_SCALE_LIMITS))  # only float rounding is clipped
+    return JpegRequest(side=side, request_scale=request, cutout_scale=scale)
+
+
+def jpeg_scale(cutouts: SdssCutouts, petro_r90: float | None, size: int) -> float:
+    """Arcsec/pixel of a ``size``-pixel JPEG cutout (:attr:`JpegRequest.cutout_scale` of :func:`jpeg_request`)."""
+    return jpeg_request(cutouts, petro_r90, size).cutout_scale
+
+
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Shape ``(n_out, n_in)``: the fraction of output pixel ``i`` that input pixel ``j`` covers.
+
+    Output pixel ``i`` spans ``[i, i + 1) * n_in / n_out`` in input pixels; each row sums to 1.
+    """
+    edges_out = np.arange(n_out + 1) * (n_in / n_out)
+    lo = np.maximum(edges_out[:-1, None], np.arange(n_in)[None, :])
+    hi = np.minimum(edges_out[1:, None], np.arange(n_in)[None, :] + 1.0)
+    return np.clip(hi - lo, 0.0, None) / (n_in / n_out)
+
+
+def resample_area(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Area-average 8-bit planes to ``size`` x ``size`` pixels (antialiased downsampling).
+
+    Each output pixel is the mean of the input pixels it covers, partial overlaps
+    weighted by their area (for a whole factor, e.g. 64 -> 32, exactly the 2 x 2
+    block means), computed in float64 and rounded half up.  The JPEG's detail and
+    noise average down as a coarser camera would record them; nothing aliases.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        uint8, shape ``(n_planes, ny, nx)``.
+    size : int
+        Output side.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, shape ``(n_planes, size, size)``; ``rgb`` itself when already that size.
+    """
+    if rgb.shape[1:] == (size, size):
+        return rgb
+    wy = _area_weights(rgb.shape[1], size)
+    wx = _area_weights(rgb.shape[2], size)
+    out = np.einsum("ij,kjl,ml->kim", wy, rgb.astype(np.float64), wx)
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- frame cache
@@ -280,8 +407,41 @@ def _load_frame(
     return frame
 
 
-def _cut_stamp(frames: Sequence[Frame], ra: float, dec: float, size: int) -> tuple[np.ndarray, list[Any], int, float]:
-    """Cut one galaxy's stamp from each band's frame.
+@dataclass(frozen=True)
+class Stamp:
+    """One galaxy's stamp cut from its field's frames, north up and east left.
+
+    Attributes
+    ----------
+    data : numpy.ndarray
+        float32, shape ``(n_bands, size, size)``, FITS row order: row 0 is the south
+        edge, rows grow northwards and columns westwards (``imshow(origin="lower")``
+        shows north up, east left); NaN where the stamp lies off a frame.
+    wcs : list of astropy.wcs.WCS
+        ``n_bands`` stamp WCSs (exact; frames of different bands are not pixel-aligned).
+    filled_per_band : tuple of int
+        ``n_bands`` counts of NaN-filled pixels.
+    n_filled : int
+        Pixels NaN-filled in at least one band.
+    pixel_scale : float
+        Pixel scale of the first band's frame (arcsec/pixel).
+    """
+
+    data: np.ndarray
+    wcs: list[WCS]
+    filled_per_band: tuple[int, ...]
+    n_filled: int
+    pixel_scale: float
+
+
+def _cut_stamp(frames: Sequence[Frame], ra: float, dec: float, size: int) -> Stamp:
+    """Cut one galaxy's stamp from each band's frame and turn it north up, east left.
+
+    Each band's ``Cutout2D`` (partial, NaN fill) is taken in the frame's own
+    orientation -- drift-scan frames are transposed, with columns across the
+    scan -- then transposed/flipped to the closest north-up, east-left grid
+    (:func:`galpipe.io.cutout_fits.north_up_op`, the cutout layout's own
+    convention; exact: pixel values are never resampled), with its WCS.
 
     Parameters
     ----------
@@ -294,14 +454,8 @@ def _cut_stamp(frames: Sequence[Frame], ra: float, dec: float, size: int) -> tup
 
     Returns
     -------
-    stack : numpy.ndarray
-        float32, shape ``(n_bands, size, size)``; NaN where the stamp is off a frame.
-    wcss : list of astropy.wcs.WCS
-        The stamp WCS of each band (from ``Cutout2D``).
-    n_filled : int
-        Pixels NaN-filled in at least one band.
-    scale : float
-        Pixel scale of the first frame (arcsec/pixel).
+    Stamp
+        ``data`` of shape ``(n_bands, size, size)``.
 
     Raises
     ------
@@ -310,17 +464,28 @@ def _cut_stamp(frames: Sequence[Frame], ra: float, dec: float, size: int) -> tup
     """
     pos = SkyCoord(ra, dec, unit="deg", frame="icrs")
     stack = np.full((len(frames), size, size), np.nan, dtype=np.float32)
-    filled = np.zeros((size, size), dtype=bool)
-    wcss = []
+    outside = np.ones((len(frames), size, size), dtype=bool)
+    wcss: list[WCS] = []
     for k, fr in enumerate(frames):
         cut = Cutout2D(fr.data, pos, (size, size), wcs=fr.wcs, mode="partial", fill_value=np.nan, copy=True)
-        stack[k] = cut.data
-        outside = np.ones((size, size), dtype=bool)
-        outside[cut.slices_cutout] = False
-        filled |= outside
-        wcss.append(cut.wcs)
+        off = np.ones((size, size), dtype=bool)
+        off[cut.slices_cutout] = False
+        op = north_up_op(cut.wcs, (size, size))
+        stack[k] = apply_pixel_op(cut.data, op)
+        outside[k] = apply_pixel_op(off, op)
+        wcss.append(transform_wcs(cut.wcs, op, (size, size)))
     scale = float(np.mean(proj_plane_pixel_scales(frames[0].wcs.celestial)) * 3600.0)
-    return stack, wcss, int(filled.sum()), scale
+    per_band = tuple(int(v) for v in outside.sum(axis=(1, 2)))
+    return Stamp(stack, wcss, per_band, int(outside.any(axis=0).sum()), scale)
+
+
+def fill_rejection(n_filled: int, size: int, max_fill_fraction: float) -> str:
+    """The failure reason of a stamp with ``n_filled`` of ``size**2`` pixels off the frame, or ``""`` if it passes."""
+    total = size * size
+    if n_filled <= max_fill_fraction * total:
+        return ""
+    return (f"stamp runs off the frame: {n_filled} of {total} pixels ({100.0 * n_filled / total:.1f}%) "
+            f"NaN-filled, more than sdss.cutouts.max_fill_fraction = {max_fill_fraction:g}")
 
 
 class _FieldWorker:
@@ -335,6 +500,7 @@ class _FieldWorker:
         self.cache = cache
         self.bands = list(bands)
         self.size = size
+        self.max_fill_fraction = float(sdss.cutouts.max_fill_fraction)
         self.dr = sdss.data_release
         self.sas = sdss.sas_url.rstrip("/")
         shape = sdss.cutouts.frame_shape
@@ -363,11 +529,15 @@ class _FieldWorker:
         run, rerun, camcol, fnum = field_key
         ra, dec = float(row.ra), float(row.dec)
         try:
-            stack, wcss, n_filled, scale = _cut_stamp(frames, ra, dec, self.size)
-            self.cache.write(int(row.objid), stack, bands=self.bands, ra=ra, dec=dec, source="sdss",
-                             bunit="nanomaggy", pixel_scale=scale, wcs=wcss, n_filled=n_filled,
+            stamp = _cut_stamp(frames, ra, dec, self.size)
+            rejected = fill_rejection(stamp.n_filled, self.size, self.max_fill_fraction)
+            if rejected:
+                return "failed", f"{rejected} (run {run} camcol {camcol} field {fnum})", -1
+            self.cache.write(int(row.objid), stamp.data, bands=self.bands, ra=ra, dec=dec, source="sdss",
+                             bunit="nanomaggy", pixel_scale=stamp.pixel_scale, wcs=stamp.wcs,
+                             n_filled=stamp.n_filled,
                              extra={"RUN": run, "RERUN": rerun, "CAMCOL": camcol, "FIELD": fnum, "DR": self.dr})
-            return "ok", "", n_filled
+            return "ok", "", stamp.n_filled
         except NoOverlapError:
             return ("failed", f"position ({ra:.6f}, {dec:.6f}) lies outside the "
                     f"frames of run {run} camcol {camcol} field {fnum}", -1)
@@ -426,18 +596,21 @@ def _jpeg_provider(
     def work(row: dict[str, Any]) -> tuple[int, Result]:
         objid = int(row["objid"])
         try:
-            scale = jpeg_scale(sdss.cutouts, row.get("petroR90_r"), size)
+            req = jpeg_request(sdss.cutouts, row.get("petroR90_r"), size)
             query = {
                 "ra": f"{float(row['ra']):.8f}",
                 "dec": f"{float(row['dec']):.8f}",
-                "scale": f"{scale:.6f}",
-                "width": str(size),
-                "height": str(size),
+                "scale": f"{req.request_scale:.6f}",
+                "width": str(req.side),
+                "height": str(req.side),
             }
-            _, rgb, _ = downloader.fetch(url, lambda b: parse_jpeg(b, expected_size=(size, size)), params=query)
-            # JPEG rows run top to bottom; the FITS layout has y increasing upwards
-            cache.write(objid, rgb[:, ::-1, :], bands=JPEG_BANDS, ra=float(row["ra"]), dec=float(row["dec"]),
-                        source="sdss", bunit="DN", pixel_scale=scale, n_filled=0, extra={"DR": dr})
+            side = (req.side, req.side)
+            _, rgb, _ = downloader.fetch(url, lambda b: parse_jpeg(b, expected_size=side), params=query)
+            # area-average to the cutout size, then JPEG rows (top = north) into FITS row order
+            planes = image_rows_to_fits(resample_area(rgb, size))
+            cache.write(objid, planes, bands=JPEG_BANDS, ra=float(row["ra"]), dec=float(row["dec"]),
+                        source="sdss", bunit="DN", pixel_scale=req.cutout_scale, n_filled=0,
+                        extra={"DR": dr, "JPEGSIDE": (req.side, "pixels per side fetched from ImgCutout")})
             return objid, ("ok", "", 0)
         except (GalpipeError, OSError, ValueError) as exc:
             return objid, ("failed", _fail_reason(exc), -1)
@@ -478,13 +651,20 @@ def _needed_columns(cutouts: SdssCutouts) -> list[str]:
     return ["objid", "ra", "dec", "run", "rerun", "camcol", "field"]
 
 
-def _reuse_valid(objids: Sequence[int], cache: CutoutCache, *, bands: Sequence[str], size: int) -> dict[int, Result]:
-    """Results of the galaxies whose cutout is already valid in ``cache`` (their stored ``NFILLED`` kept)."""
+def _reuse_valid(objids: Sequence[int], cache: CutoutCache, *, bands: Sequence[str], size: int,
+                 max_fill_fraction: float) -> dict[int, Result]:
+    """Results of the galaxies whose cutout is already valid in ``cache`` (their stored ``NFILLED`` kept).
+
+    A stored stamp with more NaN-filled pixels than ``max_fill_fraction`` allows
+    counts as failed (with the reason) without being fetched again.
+    """
     out: dict[int, Result] = {}
     for o in objids:
         cut = cache.load_valid(o, size=size, bands=bands)
         if cut is not None:
-            out[o] = ("ok", "", int(cut.header.get("NFILLED", 0)))
+            n_filled = int(cut.header.get("NFILLED", 0))
+            rejected = fill_rejection(n_filled, size, max_fill_fraction)
+            out[o] = ("failed", rejected, -1) if rejected else ("ok", "", n_filled)
     return out
 
 
@@ -519,7 +699,7 @@ def fetch_cutouts(
     frame_cache_dir : path-like
         Root of the frame cache (frames go to ``{frame_cache_dir}/frames/...``).
     progress : bool
-        Show a tqdm progress bar.
+        Report progress (:mod:`galpipe.progress`).
 
     Returns
     -------
@@ -545,11 +725,13 @@ def fetch_cutouts(
     band_list = provider_bands(cutouts, bands)
     _check_catalogue(catalogue, _needed_columns(cutouts))
     objids = [int(o) for o in catalogue["objid"]]
-    results = _reuse_valid(objids, cache, bands=band_list, size=size)
+    max_fill = float(cutouts.max_fill_fraction) if cutouts.provider == "sdss-frames" else 1.0
+    results = _reuse_valid(objids, cache, bands=band_list, size=size, max_fill_fraction=max_fill)
     n_skipped = len(results)
     todo = catalogue[[o not in results for o in objids]]
     stats: dict[str, int] = {}
-    with Downloader(sdss.download) as downloader:
+    # the request budget is shared by every job of the run (and every run using this cache)
+    with Downloader(sdss.download, rate_state_dir=Path(frame_cache_dir) / "rate") as downloader:
         if len(todo) and cutouts.provider == "sdss-frames":
             got, stats = _frames_provider(todo, cache, sdss=sdss, bands=band_list, size=size,
                                           frame_cache_dir=Path(frame_cache_dir), downloader=downloader,

@@ -783,7 +783,7 @@ def make_cutouts(
     bands, size, seed, pixel_scale
         As in :func:`render_galaxy`.
     progress : bool
-        Show a tqdm progress bar.
+        Report progress (:mod:`galpipe.progress`: a bar on a terminal, else a log line every 10 s).
 
     Returns
     -------
@@ -802,11 +802,9 @@ def make_cutouts(
     bands = validate_bands(bands)
     _check_shard(catalogue)
     records = catalogue.to_dict("records")
-    iterator: Any = records
-    if progress:
-        from tqdm.auto import tqdm
+    from galpipe.progress import track
 
-        iterator = tqdm(records, desc="simulated cutouts", unit="galaxy")
+    iterator: Any = track(records, "simulated cutouts", "galaxy", enabled=progress)
     rows = []
     for rec in iterator:
         objid = int(rec["objid"])

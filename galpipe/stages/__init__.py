@@ -19,7 +19,8 @@ normalise   shard                                ``normalised``, ``rejects``
 split       run                                  ``split`` (every split), ``split_summary``
 train       experiment                           ``model``, ``weights``, ``history``, ``train_info``
 evaluate    experiment                           ``metrics``, ``predictions``, ``figures``
-leaderboard run                                  ``leaderboard``, ``leaderboard_html``, ``comparison``
+leaderboard run                                  ``leaderboard``, ``leaderboard_html``, ``comparison``,
+                                                 ``dataset_html``
 ==========  ===================================  ==========================================
 """
 
@@ -63,6 +64,7 @@ ARTIFACTS: dict[str, str] = {
     "leaderboard": "leaderboard.csv",
     "leaderboard_html": "leaderboard.html",
     "comparison": "comparison.png",
+    "dataset_html": "dataset.html",
     "checkpoints": "checkpoints",
 }
 

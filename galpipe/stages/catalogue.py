@@ -10,6 +10,7 @@ from typing import Any
 from galpipe.catalogue import read_catalogue, write_catalogue, write_shards
 from galpipe.settings import Config
 from galpipe.sources import get_source
+from galpipe.sources.base import shard_group_columns
 from galpipe.stages import source_config, source_params
 
 log = logging.getLogger("galpipe")
@@ -31,12 +32,15 @@ def run(params: Mapping[str, Any], output: PathLike, shard_outputs: Sequence[Pat
     output : path-like
         The whole catalogue (Parquet, provenance in its metadata).
     shard_outputs : sequence of path-like
-        One Parquet file per shard (galaxies dealt round-robin by ``objid``).
+        One Parquet file per shard (:func:`galpipe.catalogue.shard_catalogue`: galaxies
+        dealt round-robin by ``objid``, or whole groups of the source's
+        ``shard_group_columns``, e.g. SDSS fields, so a frame is fetched by one job).
     """
-    df, prov = get_source(source_config(params)).catalogue()
+    source = get_source(source_config(params))
+    df, prov = source.catalogue()
     write_catalogue(df, output, prov)
     df = read_catalogue(output)
-    write_shards(df, list(shard_outputs), prov)
+    write_shards(df, list(shard_outputs), prov, group_columns=shard_group_columns(source))
     log.info("catalogue: %d galaxies, %d shards, classes %s", len(df), len(shard_outputs),
              df["label"].value_counts().sort_index().to_dict())
     return len(df)

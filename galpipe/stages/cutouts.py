@@ -59,7 +59,7 @@ def params(cfg: Config) -> dict[str, Any]:
 
 
 def run(params: Mapping[str, Any], shard: PathLike, manifest_out: PathLike, cache_dir: PathLike,
-        *, progress: bool = False) -> pd.DataFrame:
+        *, progress: bool = True) -> pd.DataFrame:
     """Make the cutouts of one shard (in ``cache_dir``) and write its manifest.
 
     Galaxies whose cutout could not be made are kept in the manifest with
@@ -80,6 +80,10 @@ def run(params: Mapping[str, Any], shard: PathLike, manifest_out: PathLike, cach
         Parquet manifest: ``objid``, ``path``, ``status``, ``reason``, ``n_filled``.
     cache_dir : path-like
         The cutout cache folder of this configuration (``cutout_cache_dir``).
+    progress : bool
+        Report the source's progress (:mod:`galpipe.progress`): a tqdm bar on a terminal,
+        otherwise a log line (count, rate, ETA) at least every 10 s and at the end, so a
+        Snakemake or SLURM job's log shows how far a long download is.
     """
     cat = read_catalogue(shard, allow_empty=True)
     if len(cat):

@@ -65,7 +65,8 @@ def run(params: Mapping[str, Any], model_json: PathLike, test: PathLike,
                                              "model": meta.get("provenance")}}
     result["plain"] = M.evaluate_predictions(y, res.proba, classes, n_boot=int(ev["n_bootstrap"]), seed=seed)
     preds = pd.DataFrame({"objid": objids, "label": [classes[i] for i in y], "label_index": y})
-    preds = pd.concat([preds, _predictions_frame(ds, classes, res)], axis=1)
+    preds = pd.concat([_identity_columns(test, objids), preds.drop(columns="objid"),
+                       _predictions_frame(ds, classes, res)], axis=1)
     best = res.proba
     if ev["tta"] and images:
         res_tta = predict_proba(model, ds, tta=True, seed=seed)
@@ -88,6 +89,29 @@ def run(params: Mapping[str, Any], model_json: PathLike, test: PathLike,
     log.info("evaluated %s: balanced accuracy %.3f [%.3f, %.3f]", meta.get("experiment"),
              h["balanced_accuracy"]["value"], h["balanced_accuracy"]["ci_low"], h["balanced_accuracy"]["ci_high"])
     return result
+
+
+#: Catalogue columns that say which galaxy a prediction is about, copied into the predictions when present.
+IDENTITY_COLUMNS = ("objid", "name", "ra", "dec")
+
+
+def _identity_columns(test: PathLike, objids: np.ndarray) -> pd.DataFrame:
+    """``objid`` and, when the split has them, ``name`` (a text id), ``ra``, ``dec`` of every test row.
+
+    Parameters
+    ----------
+    test : path-like
+        The test split Parquet file.
+    objids : numpy.ndarray, shape (n_test,)
+        The object ids in the order the predictions are made.
+    """
+    have = [c for c in IDENTITY_COLUMNS if c in pq.read_schema(test).names]
+    ident = pq.read_table(test, columns=have).to_pandas()
+    if not np.array_equal(ident["objid"].to_numpy(), objids):  # the same rows, in the same order
+        ident = ident.set_index("objid").loc[objids].reset_index()
+    if "ra" in ident and ident["ra"].isna().all():
+        ident = ident.drop(columns=["ra", "dec"])
+    return ident.reset_index(drop=True)
 
 
 def _figure_path(fig: Path, name: str) -> Path:

@@ -20,12 +20,16 @@ PathLike = str | os.PathLike[str]
 
 
 def run(experiments: Sequence[str], metrics_files: Sequence[PathLike], info_files: Sequence[PathLike],
-                table_out: PathLike, figure_out: PathLike, *, html_out: PathLike | None = None) -> pd.DataFrame:
+        table_out: PathLike, figure_out: PathLike, *, html_out: PathLike | None = None,
+        catalogue: PathLike | None = None, split_summary: PathLike | None = None,
+        dataset_out: PathLike | None = None) -> pd.DataFrame:
     """One row per experiment: headline metrics with 95% intervals, time, parameters.
 
     Writes the table as CSV (``table_out``), the comparison chart (``figure_out``)
     and, when ``html_out`` is given, the same table as a self-contained HTML page
     (:func:`leaderboard_html`) for the Snakemake report, which shows HTML but not CSV.
+    With ``catalogue``, ``split_summary`` and ``dataset_out``, also the data page
+    (:func:`dataset_html`): class counts per split and where the data came from.
     """
     from galpipe import plots as P
 
@@ -52,6 +56,10 @@ def run(experiments: Sequence[str], metrics_files: Sequence[PathLike], info_file
     if html_out is not None:
         atomic_write_text(html_out, leaderboard_html(df))
     P.plot_comparison(df, figure_out, metric="balanced_accuracy")
+    if dataset_out is not None:
+        if catalogue is None or split_summary is None:
+            raise ValueError("dataset_out needs catalogue and split_summary")
+        atomic_write_text(dataset_out, dataset_html(catalogue, split_summary))
     return df
 
 
@@ -129,3 +137,72 @@ def leaderboard_html(df: pd.DataFrame) -> str:
     cols = [(c, h) for c, h in _HTML_COLUMNS if c in df.columns]
     rows = [[_html_cell(rec, c) for c, _ in cols] for rec in df.to_dict("records")]
     return _templates().get_template("leaderboard.html.j2").render(headers=[h for _, h in cols], rows=rows)
+
+
+# --------------------------------------------------------------------------- the data page
+#: Provenance keys shown as "what / value" rows, in this order, when present (the rest is in the JSON).
+_PROVENANCE_ROWS = (("source", "source"), ("data_release", "SDSS data release"),
+                    ("query_endpoint", "SQL endpoint"), ("queried_at_utc", "queried (UTC)"),
+                    ("astroquery_version", "astroquery"), ("label_scheme", "label scheme"),
+                    ("labels_csv", "labels CSV"), ("directory", "image folder"),
+                    ("created_utc", "catalogue made (UTC)"), ("seed", "seed"), ("bands", "bands"),
+                    ("galpipe_version", "galpipe"))
+
+
+def dataset_summary(catalogue: PathLike, split_summary: PathLike) -> dict[str, Any]:
+    """What the data page shows: class counts per split and the catalogue's provenance.
+
+    Parameters
+    ----------
+    catalogue : path-like
+        The catalogue Parquet file (its ``galpipe.provenance`` metadata is read, not its rows).
+    split_summary : path-like
+        The split stage's ``summary.json`` (``classes``, ``counts`` split -> class -> n, ``n``).
+
+    Returns
+    -------
+    dict
+        ``classes`` (list), ``splits`` (list of split names), ``counts`` (class -> split -> n,
+        with a ``total`` per class and a ``total`` row), ``n_catalogue`` (galaxies in the
+        catalogue), ``n_split`` (galaxies in the three splits; the difference was rejected
+        by the cutouts/normalise stages), ``provenance`` (the catalogue's provenance dict),
+        ``sql`` (list of the SQL statements sent, empty unless the source is ``sdss``),
+        ``images`` (how the pixels were made, when recorded).
+    """
+    import pyarrow.parquet as pq
+
+    from galpipe.io.parquet import read_metadata
+    from galpipe.stages import SPLITS
+
+    summary = json.loads(Path(split_summary).read_text())
+    classes = list(summary["classes"])
+    counts: dict[str, dict[str, int]] = {}
+    for cls in [*classes, "total"]:
+        row = {s: (sum(summary["counts"].get(s, {}).values()) if cls == "total"
+                   else int(summary["counts"].get(s, {}).get(cls, 0))) for s in SPLITS}
+        row["total"] = sum(row.values())
+        counts[cls] = row
+    provenance = dict(read_metadata(catalogue).get("provenance", {}))
+    sql = provenance.pop("sql", [])
+    return {"classes": classes, "splits": list(SPLITS), "counts": counts,
+            "n_catalogue": int(pq.ParquetFile(catalogue).metadata.num_rows),
+            "n_split": int(counts["total"]["total"]), "provenance": provenance,
+            "sql": [str(q) for q in sql] if isinstance(sql, list) else [str(sql)]}
+
+
+def dataset_html(catalogue: PathLike, split_summary: PathLike) -> str:
+    """The data page of the report: split sizes, class counts, provenance and the SQL sent.
+
+    Rendered from ``galpipe/templates/dataset.html.j2`` with autoescaping (SQL text, paths and
+    class names cannot inject markup).  See :func:`dataset_summary` for the inputs.
+    """
+    info = dataset_summary(catalogue, split_summary)
+    prov = info["provenance"]
+    rows = []
+    for key, title in _PROVENANCE_ROWS:
+        if key in prov and prov[key] not in (None, "", [], {}):
+            value = prov[key]
+            rows.append((title, ", ".join(map(str, value)) if isinstance(value, list) else str(value)))
+    details = json.dumps({k: v for k, v in prov.items() if k not in dict(_PROVENANCE_ROWS)},
+                         indent=1, sort_keys=True, default=str)
+    return _templates().get_template("dataset.html.j2").render(info=info, rows=rows, details=details)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -36,10 +37,159 @@ PathLike = str | os.PathLike[str]
 
 
 def preprocess_params(cfg: Config) -> dict[str, Any]:
-    """What predict must redo on a new image, stored with the model: source, centre crop, stamp size."""
+    """What predict must redo on a new image, stored with the model: source, centre crop, stamp size,
+    and what the source's cutouts are (pixel unit and framing, :func:`source_contract`)."""
     from galpipe.sources import get_source
 
-    return {"source": cfg.source, "crop_fraction": get_source(cfg).crop_fraction, "cutout_size": cfg.cutout_size}
+    return {"source": cfg.source, "crop_fraction": get_source(cfg).crop_fraction, "cutout_size": cfg.cutout_size,
+            **source_contract(cfg)}
+
+
+#: Native pixel scale of the SDSS imaging camera (arcsec/pixel): frames and simulated stamps.
+SDSS_PIXEL_SCALE = 0.396
+#: Channel-name sets whose meaning is known, for the contract's ``meaning``.
+_KNOWN_CHANNELS = {("red", "green", "blue"): "colour image planes red, green, blue (8-bit display colours)"}
+_SDSS_BANDS = ("u", "g", "r", "i", "z")
+
+
+def fixed_scale_framing(arcsec_per_pixel: float, how: str) -> dict[str, Any]:
+    """Framing of stamps cut at a fixed pixel scale, centred on the galaxy."""
+    scale = float(arcsec_per_pixel)
+    return {"kind": "pixel_scale", "arcsec_per_pixel": scale,
+            "description": f"fixed {scale:g} arcsec/pixel, centred on the galaxy ({how})"}
+
+
+def source_contract(cfg: Config) -> dict[str, Any]:
+    """What the configured source's cutouts are: ``pixel_unit`` and ``framing``, from its settings.
+
+    A source class may declare it itself with a property ``input_contract`` returning this
+    dict; the built-in sources are described here.  ``pixel_unit`` is None when the files
+    decide (the ``images`` source: ``DN`` for JPEG/PNG, the FITS ``BUNIT`` otherwise), and
+    :func:`input_contract` then reads it from the training data.
+
+    Returns
+    -------
+    dict
+        ``pixel_unit`` (``"nanomaggy"``, ``"DN"`` or None) and ``framing``: a mapping with
+        ``kind`` (``pixel_scale``: ``arcsec_per_pixel``; ``petro``: ``span_r90``, the stamp
+        side in units of ``petroR90_r``; ``crop``: ``crop_fraction`` of the shorter image
+        side; ``unknown``) and a human ``description``.
+    """
+    from galpipe.sources import get_source
+
+    declared = getattr(get_source(cfg), "input_contract", None)
+    if isinstance(declared, Mapping):
+        return {"pixel_unit": declared.get("pixel_unit"), "framing": dict(declared.get("framing") or {})}
+    size = int(cfg.cutout_size)
+    if cfg.source == "simulated":
+        scale = float(cfg.simulated.pixel_scale)
+        return {"pixel_unit": "nanomaggy",
+                "framing": fixed_scale_framing(scale, f"GalSim renderings, {size} x {size} pixels")}
+    if cfg.source == "sdss":
+        cut = cfg.sdss.cutouts
+        if cut.provider != "skyserver-jpeg":
+            return {"pixel_unit": "nanomaggy",
+                    "framing": fixed_scale_framing(SDSS_PIXEL_SCALE, f"SDSS calibrated frames, {size} x {size} stamps")}
+        if cut.jpeg_scale_mode == "fixed":
+            return {"pixel_unit": "DN",
+                    "framing": fixed_scale_framing(cut.jpeg_scale, f"SkyServer JPEG cutouts, {size} x {size}")}
+        span = float(cut.jpeg_span_r90)
+        return {"pixel_unit": "DN",
+                "framing": {"kind": "petro", "span_r90": span,
+                            "description": f"stamp side = {span:g} x petroR90_r, centred on the galaxy "
+                                           f"(SkyServer JPEG cutouts, {size} x {size})"}}
+    if cfg.source == "images":
+        crop = float(cfg.images.crop_fraction)
+        return {"pixel_unit": None,
+                "framing": {"kind": "crop", "crop_fraction": crop,
+                            "description": f"centre crop of {crop:g} of the shorter image side, resized to "
+                                           f"{size} x {size} (as the training images were framed)"}}
+    return {"pixel_unit": None, "framing": {"kind": "unknown", "description": f"not declared by source {cfg.source!r}"}}
+
+
+def channel_meaning(channels: Sequence[str]) -> str:
+    """Human meaning of a list of channel names (``"SDSS g, r, i bands"``)."""
+    names = tuple(channels)
+    if names in _KNOWN_CHANNELS:
+        return _KNOWN_CHANNELS[names]
+    if names and all(c in _SDSS_BANDS for c in names):
+        return f"SDSS {', '.join(names)} bands (calibrated frames or simulated)"
+    if names and all(re.fullmatch(r"band\d+", c) for c in names):
+        return f"{len(names)} image plane(s) of FITS files, band names unknown"
+    return f"bands {', '.join(names)}" if names else "unknown"
+
+
+def input_contract(preprocess: Mapping[str, Any], bands: Sequence[str], image_shape: Sequence[int],
+                   pixel_unit: str | None = None, *, derived_from: str) -> dict[str, Any]:
+    """The ``input_contract`` of a model: what every image given to it must be.
+
+    Parameters
+    ----------
+    preprocess : mapping
+        The model's ``preprocess`` (:func:`preprocess_params`): source, crop, size, and the
+        source's ``pixel_unit`` and ``framing`` when it recorded them.
+    bands : sequence of str
+        Channel names of the training cutouts (``n_channels`` of them; empty: unknown).
+    image_shape : sequence of int
+        ``(H, W, C)`` the network takes.
+    pixel_unit : str, optional
+        The unit of the training cutouts' pixels when known from the data (FITS ``BUNIT``);
+        else the source's, else None (not checked).
+    derived_from : str
+        Where the facts came from (stored with the contract).
+
+    Returns
+    -------
+    dict
+        ``channels`` (names, length ``C``), ``meaning``, ``pixel_unit`` (``"nanomaggy"``,
+        ``"DN"`` (8-bit 0-255) or None), ``pixel_values``, ``framing`` (see
+        :func:`source_contract`), ``size`` ``[H, W]`` (every input is resized to it),
+        ``derived_from``.
+    """
+    h, w, c = (int(v) for v in image_shape)
+    channels = [str(b) for b in bands] if bands else [f"band{k}" for k in range(c)]
+    unit = pixel_unit if pixel_unit is not None else preprocess.get("pixel_unit")
+    values = ("8-bit display values 0-255 (JPEG/PNG colour images)" if unit == "DN"
+              else f"linear flux in {unit} (FITS)" if unit else "unknown")
+    framing = dict(preprocess.get("framing") or {})
+    if not framing:
+        crop = float(preprocess.get("crop_fraction", 1.0))
+        framing = ({"kind": "crop", "crop_fraction": crop, "description": f"centre crop of {crop:g} of the shorter "
+                    f"image side, resized to {h} x {w}"} if crop < 1.0 else
+                   {"kind": "unknown", "description": "not recorded by this model"})
+    return {"channels": channels, "meaning": channel_meaning(channels), "pixel_unit": unit,
+            "pixel_values": values, "framing": framing, "size": [h, w], "derived_from": derived_from}
+
+
+def _training_pixel_unit(preprocess: Mapping[str, Any], train: PathLike) -> tuple[str | None, str]:
+    """The pixel unit of the training cutouts and where it came from.
+
+    The split's ``bunit`` metadata when the normalise stage recorded it; else the source's
+    (:func:`source_contract`); else (a folder of images: the files decide) the unit of the
+    first training image, read by the source's own loader as its cutouts were made.
+    """
+    meta = read_metadata(train)
+    if meta.get("bunit"):
+        return str(meta["bunit"]), "the training cutouts' BUNIT"
+    if preprocess.get("pixel_unit"):
+        return str(preprocess["pixel_unit"]), f"the {preprocess.get('source')} source's settings"
+    if "image_path" not in pq.read_schema(train).names:
+        return None, "unknown"
+    from galpipe.errors import DataError
+    from galpipe.sources import source_class
+
+    first = pq.read_table(train, columns=["image_path"]).column(0)
+    if not len(first):
+        return None, "unknown"
+    path = str(first[0])
+    try:
+        ext = source_class(str(preprocess.get("source", "images"))).load_external(
+            path, size=int(preprocess.get("cutout_size", 8)), crop_fraction=float(preprocess.get("crop_fraction", 1.0)))
+    except (DataError, OSError) as exc:
+        log.warning("train: cannot read %s to record the model's pixel unit (%s); predict will not check it",
+                    path, exc)
+        return None, "unknown"
+    return ext.bunit, f"the training image {Path(path).name}"
 
 
 def full_architecture(hidden: Sequence[Any], n_classes: int) -> list[Any]:
@@ -117,6 +267,12 @@ def run(exp: Mapping[str, Any], train: PathLike, validation: PathLike, model_jso
         "preprocess": dict(exp.get("preprocess") or {}),
         "provenance": provenance("train", exp, [train, validation]),
     }
+    if metadata["inputs"] == "image":  # what predict checks every input against
+        unit, unit_from = _training_pixel_unit(metadata["preprocess"], train)
+        metadata["input_contract"] = input_contract(
+            metadata["preprocess"], metadata["bands"], input_shape, unit,
+            derived_from=f"the train split's bands and shape; pixel unit from {unit_from}; framing from the "
+                         f"{metadata['preprocess'].get('source')} source's settings")
     save_model(model, out_dir, metadata=metadata)
     history.to_csv(out_dir / "history.csv")
     hist = history.to_dict()

@@ -35,6 +35,8 @@ rule leaderboard:
     input:
         metrics=expand(P["metrics"], experiment=EXPERIMENTS),
         info=expand(P["train_info"], experiment=EXPERIMENTS),
+        catalogue=P["catalogue"],
+        split_summary=P["split_summary"],
     output:
         table=report(
             P["leaderboard"],
@@ -53,6 +55,12 @@ rule leaderboard:
             caption="../report/comparison.rst",
             category="Comparison",
             labels={"artifact": "comparison chart"},
+        ),
+        dataset=report(
+            P["dataset_html"],
+            caption="../report/dataset.rst",
+            category="Data",
+            labels={"artifact": "classes, splits and provenance"},
         ),
     params:
         experiments=list(EXPERIMENTS),

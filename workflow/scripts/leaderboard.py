@@ -4,4 +4,5 @@ from galpipe.stages.leaderboard import run
 
 run_stage(snakemake, run, snakemake.params.experiments, snakemake.input.metrics, snakemake.input.info,
           snakemake.output.table, snakemake.output.figure,
-          html_out=snakemake.output.html)
+          html_out=snakemake.output.html, catalogue=snakemake.input.catalogue,
+          split_summary=snakemake.input.split_summary, dataset_out=snakemake.output.dataset)
