@@ -652,6 +652,26 @@ def gallery_selection(
     return out
 
 
+def _scale_bar_arcsec(width_px: int, pixel_scale: float) -> float:
+    """A round bar length in arcsec, about a quarter of a tile ``width_px`` pixels wide."""
+    target = 0.25 * width_px * pixel_scale
+    for length in (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600):
+        if length >= target:
+            return float(length)
+    return float(round(target, -2))
+
+
+def _draw_scale_bar(ax: Any, width_px: int, height_px: int, pixel_scale: float) -> None:
+    """An angular scale bar (bottom left) and the north/east directions (top right) on one tile."""
+    length = _scale_bar_arcsec(width_px, pixel_scale)
+    px = length / pixel_scale
+    x0, y0 = 0.06 * width_px, 0.08 * height_px
+    ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=2.0, solid_capstyle="butt")
+    text = f"{length:g}\u2033" if length < 60 else f"{length / 60:g}\u2032"
+    ax.text(x0 + px / 2, y0 + 0.04 * height_px, text, color="white", fontsize=6, ha="center", va="bottom")
+    ax.text(0.94 * width_px, 0.92 * height_px, "N\u2191 E\u2190", color="white", fontsize=6, ha="right", va="top")
+
+
 def gallery_figure(
     images: Any,
     bands: Sequence[str],
@@ -659,12 +679,13 @@ def gallery_figure(
     *,
     ncols: int = 8,
     title: str | None = None,
+    pixel_scale: float | None = None,
 ) -> Figure:
     """The figure of :func:`plot_gallery`, not saved (its tiles can be read back).
 
     Parameters
     ----------
-    images, bands, titles, ncols, title
+    images, bands, titles, ncols, title, pixel_scale
         As in :func:`plot_gallery`.
 
     Returns
@@ -673,7 +694,8 @@ def gallery_figure(
         ``ceil(N / ncols)`` rows of ``min(ncols, N)`` Axes; tile ``i`` (row-major)
         shows ``to_rgb(images[i], bands)`` (``images[0]``, shape (H, W, 3))
         with ``origin="lower"`` (north up, east left) and ``titles[i]`` as its
-        x label; unused tiles are switched off.
+        x label; unused tiles are switched off.  With ``pixel_scale``, the first
+        tile also has a scale bar (``lines[0]``) and the north/east directions.
     """
     imgs = _as_float_array(images, "images")
     if imgs.ndim != 4:
@@ -705,6 +727,10 @@ def gallery_figure(
             # cutout rows are in FITS order (row 0 = south, galpipe.io.cutout_fits): north up, east left
             ax.imshow(to_rgb(imgs[idx], bands), interpolation="nearest", origin="lower")
             ax.set_xlabel(str(titles[idx]), fontsize=7, linespacing=1.1)
+            if idx == 0 and pixel_scale is not None and np.isfinite(pixel_scale) and pixel_scale > 0:
+                _draw_scale_bar(ax, imgs.shape[2], imgs.shape[1], float(pixel_scale))
+                ax.set_xlim(-0.5, imgs.shape[2] - 0.5)
+                ax.set_ylim(-0.5, imgs.shape[1] - 0.5)
         if title:
             fig.suptitle(title)
         fig.tight_layout(pad=0.4)
@@ -719,6 +745,7 @@ def plot_gallery(
     *,
     ncols: int = 8,
     title: str | None = None,
+    pixel_scale: float | None = None,
 ) -> Path:
     """Grid of cutouts with a caption under each (e.g. ``"true: spiral\\np(elliptical)=0.97"``).
 
@@ -739,13 +766,16 @@ def plot_gallery(
         Tiles per row.
     title : str, optional
         Figure title.  With ``N = 0`` a placeholder figure saying so is written.
+    pixel_scale : float, optional
+        Arcsec per pixel of the images: draws an angular scale bar and the north/east
+        directions on the first tile (None or unknown: neither).
 
     Returns
     -------
     pathlib.Path
         ``path``.
     """
-    return _save(gallery_figure(images, bands, titles, ncols=ncols, title=title), path)
+    return _save(gallery_figure(images, bands, titles, ncols=ncols, title=title, pixel_scale=pixel_scale), path)
 
 
 # --------------------------------------------------------------------------- comparison

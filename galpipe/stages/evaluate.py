@@ -83,7 +83,10 @@ def run(params: Mapping[str, Any], model_json: PathLike, test: PathLike,
     if history is not None:
         P.plot_learning_curves(pd.read_csv(history), fig / "learning_curves.png")
     if images:
-        _galleries(test, y, best, classes, meta.get("bands", []), int(ev["gallery_size"]), fig)
+        framing = (meta.get("input_contract") or {}).get("framing") or {}
+        _galleries(test, y, best, classes, meta.get("bands", []), int(ev["gallery_size"]), fig,
+                   identity=preds[[c for c in IDENTITY_COLUMNS if c in preds.columns]],
+                   pixel_scale=framing.get("arcsec_per_pixel"))
     atomic_write_text(metrics_out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     h = result["headline"]
     log.info("evaluated %s: balanced accuracy %.3f [%.3f, %.3f]", meta.get("experiment"),
@@ -122,11 +125,27 @@ def _figure_path(fig: Path, name: str) -> Path:
     return path
 
 
+def gallery_caption(row: Mapping[str, Any]) -> str:
+    """The identity line(s) of a gallery tile: the text id or objid, and RA/Dec when known.
+
+    ``row`` has ``objid`` and optionally ``name``, ``ra``, ``dec`` (degrees), e.g.
+    ``"1237648720693755918\n180.12345 +0.56780"``.
+    """
+    name = row.get("name")
+    ident = str(name) if isinstance(name, str) and name else str(int(row["objid"]))
+    ra, dec = row.get("ra"), row.get("dec")
+    if ra is not None and dec is not None and np.isfinite(ra) and np.isfinite(dec):
+        return f"{ident}\n{float(ra):.5f} {float(dec):+.5f}"
+    return ident
+
+
 def _galleries(test: PathLike, y: np.ndarray, proba: np.ndarray, classes: Sequence[str], bands: Sequence[str],
-               k: int, fig: Path) -> None:
+               k: int, fig: Path, *, identity: pd.DataFrame | None = None,
+               pixel_scale: float | None = None) -> None:
     from galpipe import plots as P
 
     sel = P.gallery_selection(y, proba, classes, k=k)
+    ids = identity.to_dict("records") if identity is not None else []
     wanted = sorted({i for idx in sel.values() for i in idx})
     meta = read_metadata(test)
     h, w, c = meta["image_shape"]
@@ -146,7 +165,9 @@ def _galleries(test: PathLike, y: np.ndarray, proba: np.ndarray, classes: Sequen
         if not idx:
             continue
         titles = [f"true: {classes[y[i]]}\np({classes[int(proba[i].argmax())]})={proba[i].max():.2f}" for i in idx]
+        if identity is not None:  # records, not iloc rows: a row Series would turn int64 objids into floats
+            titles = [f"{gallery_caption(ids[i])}\n{t}" for i, t in zip(idx, titles, strict=True)]
         name = "gallery_mistakes" if key == "mistakes" else (
             f"gallery_correct_{safe_filename(key.split(':', 1)[1], what='class name')}")
         P.plot_gallery(np.stack([found[i] for i in idx]), list(bands), titles, _figure_path(fig, f"{name}.png"),
-                       title=key.replace(":", ": "))
+                       title=key.replace(":", ": "), pixel_scale=pixel_scale)
