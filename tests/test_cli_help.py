@@ -93,3 +93,16 @@ def test_top_level_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Examples:" in out
     text = build_parser().format_help()
     assert "Examples:" in text and "--debug" in text
+
+
+def test_fake_skyserver_options_have_help_defaults_and_examples() -> None:
+    from galpipe.testing.fakeserver import build_parser as fake_parser
+
+    sp = fake_parser()
+    flat = " ".join(sp.format_help().split())
+    for action in sp._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help.strip(), action.option_strings
+        assert f"(default: {action.default})" in flat, action.option_strings
+    assert "Examples:" in sp.format_help()

@@ -1693,16 +1693,20 @@ def _fault_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a fake SkyServer until interrupted (``galpipe fake-skyserver``).
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help; the examples epilog kept as written."""
 
-    Prints the base URLs and the ``sdss:`` config keys that point galpipe at it.
-    A bad option ends with argparse's usage and one error line (exit 2), a port
-    that cannot be bound with one error line (exit 1); never a traceback.
-    """
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``galpipe fake-skyserver`` (each with its help and default)."""
     parser = argparse.ArgumentParser(
         prog="galpipe fake-skyserver",
         description="Serve a stand-in SkyServer (SQL, ImgCutout) and SAS (frames) on 127.0.0.1.",
+        formatter_class=_HelpFormatter,
+        epilog="Examples:\n"
+               "  galpipe fake-skyserver --port 8642\n"
+               "  galpipe fake-skyserver --port 0 --galaxies 2000 --fault-rate 0.1 --fault-kinds 500,503,truncated\n"
+               "  galpipe fake-skyserver --frame-shape 372,512 --galaxies-per-field 8   # small, fast frames",
     )
     parser.add_argument("--port", type=_int_option(0, 65535), default=8642, help="TCP port (0: any free port)")
     parser.add_argument("--galaxies", type=_int_option(1, 1_000_000), default=200, help="objects in the fake sky")
@@ -1714,8 +1718,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma list of {FAULT_KINDS}")
     parser.add_argument("--frame-shape", type=_frame_shape, default=f"{FRAME_SHAPE[0]},{FRAME_SHAPE[1]}",
                         help=f"frame rows,columns, each {FRAME_SIDE_RANGE[0]}..{FRAME_SIDE_RANGE[1]} "
-                             "(SDSS: 1489,2048)")
-    parser.add_argument("--galaxies-per-field", type=_int_option(1), default=4)
+                             "(SDSS: 1489,2048); the client's sdss.cutouts.frame_shape must match")
+    parser.add_argument("--galaxies-per-field", type=_int_option(1), default=4,
+                        help="objects placed on each field (one field = one frame per band)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a fake SkyServer until interrupted (``galpipe fake-skyserver``).
+
+    Prints the base URLs and the ``sdss:`` config keys that point galpipe at it.
+    A bad option ends with argparse's usage and one error line (exit 2), a port
+    that cannot be bound with one error line (exit 1); never a traceback.
+    """
+    parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     ny, nx = args.frame_shape
     try:
