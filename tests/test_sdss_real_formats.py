@@ -5,7 +5,7 @@
 * SkyServer's answers: the "Skyserver Error" HTML page, ``spExecuteSQL``'s
   ``error_message`` table, empty and one-line bodies, HTTP errors;
 * astroquery's recorded real SkyServer answers (``astroquery/sdss/tests/data/*.txt``,
-  read from the local mirror of astropy/astroquery, BSD-3-Clause; nothing is copied here)
+  read from the installed astroquery package, which ships them, or a local mirror; nothing is copied here)
   replayed through galpipe's parser.
 """
 
