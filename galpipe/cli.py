@@ -125,18 +125,20 @@ def _evaluate_params(args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from galpipe.models import resolve_model
     from galpipe.predict import evaluate_external
     from galpipe.stages import PATHS
     from galpipe.stages.evaluate import run as evaluate_experiment
 
     params = _evaluate_params(args)
     out = Path(args.output_dir)
-    model_json = Path(args.model) / Path(PATHS["model"]).name
+    model = resolve_model(args.model)  # a folder, or the name of a shipped model
+    model_json = model / Path(PATHS["model"]).name
     if args.test:
         res = evaluate_experiment(params, model_json, args.test, out / Path(PATHS["metrics"]).name,
                                   out / Path(PATHS["predictions"]).name, out / Path(PATHS["figures"]).name)
     elif args.images and args.labels:
-        res = evaluate_external(params, args.model, args.images, args.labels, out, id_column=args.id_column,
+        res = evaluate_external(params, model, args.images, args.labels, out, id_column=args.id_column,
                                 label_column=args.label_column, path_column=args.path_column,
                                 label_map=_parse_map(args.label_map), crop_fraction=args.crop_fraction)
     else:
@@ -159,19 +161,34 @@ def _parse_map(items: Sequence[str] | None) -> dict[str, str | None]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from galpipe.predict import output_paths, predict_input
 
-    df = predict_input(args.model, args.input, args.output, tta=args.tta, mc_dropout=args.mc_dropout,
-                       config=args.config, crop_fraction=args.crop_fraction, seed=args.seed,
-                       cache_dir=args.cache_dir, force=args.force)
+    if (args.input is None) == (args.coords is None):
+        raise GalpipeError("predict: give an INPUT (image, folder or catalogue) or --coords CSV, not both")
+    if args.coords is not None:
+        from galpipe.predict_coords import predict_coords
+
+        if args.crop_fraction is not None:
+            raise GalpipeError("predict --coords: --crop-fraction does not apply (the cutouts are fetched framed "
+                               "as the model's training images were)")
+        from galpipe.models import resolve_model
+
+        df = predict_coords(resolve_model(args.model), args.coords, args.output, tta=args.tta,
+                            mc_dropout=args.mc_dropout,
+                            config=args.config, seed=args.seed, cache_dir=args.cache_dir, force=args.force)
+    else:
+        df = predict_input(args.model, args.input, args.output, tta=args.tta, mc_dropout=args.mc_dropout,
+                           config=args.config, crop_fraction=args.crop_fraction, seed=args.seed,
+                           cache_dir=args.cache_dir, force=args.force, reframe=args.reframe)
     others = [str(p) for p in output_paths(args.output).values() if p != Path(args.output)]
     print(f"{len(df)} predictions -> {args.output} (also {', '.join(others)})")
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    from galpipe.models import resolve_model
     from galpipe.nn.persist import load_model
     from galpipe.nn.summary import summary
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(resolve_model(args.model))  # a folder, or the name of a shipped model
     print(summary(model))
     return 0
 
@@ -214,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the full traceback of an error instead of the one-line message "
                         "(also: GALPIPE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from galpipe.models import describe_available
+
+    model_help = f"model folder (model.json + weights.npz), or the name of a shipped model: {describe_available()}"
 
     def add(name: str, func, help_: str, examples: Sequence[str], config: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_, epilog=_examples(*examples),
@@ -280,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
               "galpipe evaluate --model results/gz1-sdss-jpeg/models/vgg_like --images gz1/ --labels gz1/labels.csv "
               "--label-column gz1_class_name --label-map spiral_cw=spiral spiral_acw=spiral merger= "
               "--output-dir eval/gz1"], config=False)
-    sp.add_argument("--model", required=True, metavar="DIR", help="model directory (model.json + weights.npz)")
+    sp.add_argument("--model", required=True, metavar="DIR|NAME", help=model_help)
     sp.add_argument("--test", metavar="PARQUET",
                     help="a split Parquet file (made by the split stage); give it, or --images and --labels")
     sp.add_argument("--images", metavar="DIR", help="folder of images (JPEG/PNG/FITS); needs --labels")
@@ -305,15 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the config schema's evaluate.n_bootstrap)")
     sp.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the config schema's seed)")
 
-    sp = add("predict", cmd_predict, "classify a FITS/JPEG file, a folder of them, or a catalogue",
-             ["galpipe predict --model results/models/small_cnn cutouts/ --output predictions.csv",
-              "galpipe predict --model results/gz1-sdss-jpeg/models/vgg_like gz1/587722981741363294.jpg --tta",
+    sp = add("predict", cmd_predict, "classify a FITS/JPEG file, a folder of them, a catalogue, or positions",
+             ["galpipe predict --model gz1 galaxies/ --tta --output gz1.csv    # a shipped model, by name",
               "galpipe predict --model results/sdss/models/small_cnn new_galaxies.csv --config config/sdss.yaml "
-              "--output new.parquet"], config=False)
-    sp.add_argument("--model", required=True, metavar="DIR", help="model directory (model.json + weights.npz)")
-    sp.add_argument("input", metavar="INPUT",
-                    help="an image file (FITS/JPEG/PNG), a folder of them, or a catalogue (.csv/.parquet with "
-                         "objid, ra, dec, ...) whose cutouts --config's source fetches")
+              "--output new.parquet",
+              "galpipe predict --model gz1 --coords galaxies.csv --output gz1.csv    # SkyServer cutouts by position"],
+             config=False)
+    sp.add_argument("--model", required=True, metavar="DIR|NAME", help=model_help)
+    what = sp.add_mutually_exclusive_group()
+    what.add_argument("input", metavar="INPUT", nargs="?", default=None,
+                      help="an image file (FITS/JPEG/PNG), a folder of them, or a catalogue (.csv/.parquet with "
+                           "objid, ra, dec, ...) whose cutouts --config's source fetches; or give --coords")
+    what.add_argument("--coords", metavar="CSV", default=None,
+                      help="classify galaxies by position instead of INPUT: a CSV with ra, dec (degrees) and "
+                           "optionally petroR90_r (arcsec; looked up on SkyServer where missing), objid, name; "
+                           "SkyServer JPEG cutouts framed as the model's training images are fetched from "
+                           "--config's sdss: section (without --config: the public SkyServer, DR17); "
+                           "default: none")
     sp.add_argument("--output", default="predictions.csv", metavar="FILE",
                     help=".csv, .parquet, .ecsv or .fits; an ECSV and a FITS table (astropy, with units and the "
                          "model's provenance) are also written beside it, with the same name")
@@ -323,19 +351,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips of each image")
     sp.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                     help="Monte Carlo dropout passes, adding std_<class> columns; 0 turns it off")
+    sp.add_argument("--reframe", choices=["auto", "always", "off"], default="auto",
+                    help="bring each galaxy to the size it had in the training stamps, measured on the image "
+                         "(90%%-light radius of the central source against the model's framing_measured): auto "
+                         "only when it is over 1.4x too large or too small, always, or off; the factor applied is "
+                         "the output's reframe column (models without a measured framing: never)")
     sp.add_argument("--config", default=None, metavar="YAML",
-                    help="config whose source fetches the cutouts of a catalogue INPUT (needed for one)")
+                    help="config whose source fetches the cutouts of a catalogue INPUT (needed for one); with "
+                         "--coords, its sdss: section names the SkyServer and data release (default: none, i.e. "
+                         "the schema's sdss defaults for --coords)")
     sp.add_argument("--crop-fraction", type=float, default=None, metavar="F",
                     help="centre crop of the images, fraction of the shorter side "
                          "(default: the model's preprocess.crop_fraction)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
     sp.add_argument("--cache-dir", default=CUTOUT_CACHE_ROOT, metavar="DIR",
-                    help="where a catalogue input's cutouts are cached (the pipeline's cache, relative to the "
-                         "current directory)")
+                    help="where a catalogue input's (or --coords') cutouts are cached (the pipeline's cache, "
+                         "relative to the current directory)")
 
     sp = add("summary", cmd_summary, "print a trained model's layers, shapes, parameters and FLOPs",
              ["galpipe summary --model results/models/small_cnn"], config=False)
-    sp.add_argument("--model", required=True, metavar="DIR", help="model directory (model.json + weights.npz)")
+    sp.add_argument("--model", required=True, metavar="DIR|NAME", help=model_help)
     sub.add_parser("fake-skyserver", help="run the offline stand-in SkyServer/SAS on 127.0.0.1 "
                                           "(galpipe fake-skyserver --help: its options)", add_help=False)
     return p

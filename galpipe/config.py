@@ -527,5 +527,6 @@ def resolve_experiments(
             "description": description,
             "inputs": exp.get("inputs", "image"),
             "training": training,
+            **({"seed": int(exp["seed"])} if exp.get("seed") is not None else {}),
         }
     return out

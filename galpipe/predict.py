@@ -41,6 +41,7 @@ from astropy.io import fits
 from galpipe import __version__
 from galpipe.errors import ConfigError, DataError, ModelError
 from galpipe.io.parquet import write_arrow, write_table
+from galpipe.models import resolve_model
 from galpipe.progress import progress as progress_reporter
 from galpipe.progress import track
 from galpipe.sources.base import ExternalImage
@@ -216,6 +217,51 @@ def load_input(path: PathLike, meta: Mapping[str, Any], crop_fraction: float | N
                                                                    crop_fraction=_crop_of(meta, crop_fraction))
 
 
+#: ``--reframe`` choices (:func:`galpipe.framing.reframe_fraction`).
+REFRAME_MODES = ("auto", "always", "off")
+
+
+def reframe_input(path: PathLike, meta: Mapping[str, Any], crop: float, ext: ExternalImage,
+                  mode: str = "auto") -> tuple[ExternalImage, float]:
+    """Reframe one image so that its galaxy fills the model's stamps as in training.
+
+    The galaxy's ``r90`` (:func:`galpipe.framing.extent`) is measured on the whole image,
+    resized so that the model's usual crop is ``H`` pixels across; when it differs from the
+    model's measured convention (``model.json`` ``framing_measured``; for ``auto`` by more
+    than :data:`galpipe.framing.AUTO_TOLERANCE`), the crop is widened or narrowed by the
+    ratio, the image resampled (tent filter) to ``H x H`` and any area beyond the image
+    filled with its border's sky level.  Models without a measured convention, and
+    ``mode="off"``, keep ``ext`` as it is.
+
+    Returns
+    -------
+    (ExternalImage, float)
+        The cutout pixels the model sees and the factor applied to the crop side (1: none).
+    """
+    from galpipe.framing import CROP_LIMITS, extent, reframe_fraction
+    from galpipe.nn.augment import resample
+    from galpipe.sources import source_class
+
+    conv = meta.get("framing_measured")
+    if mode == "off" or not conv or not conv.get("r90_fraction"):
+        return ext, 1.0
+    h = int(meta["image_shape"][0])
+    side = max(h, round(h / crop))  # the whole image, at the model's pixel scale
+    src = source_class((meta.get("preprocess") or {}).get("source", "images"))
+    full = src.load_external(path, size=side, crop_fraction=1.0)
+    pixels = np.moveaxis(np.asarray(full.data, np.float32), 0, -1)  # (side, side, C)
+    factor = reframe_fraction(extent(pixels), crop * side, conv, mode)
+    if factor == 1.0:
+        return ext, 1.0
+    new_crop = float(np.clip(crop * factor, *CROP_LIMITS))
+    zoom = h / (new_crop * side)  # output pixels per input pixel
+    out = resample(pixels[None], np.array([zoom]), np.zeros(1), out_size=h)[0]
+    data = np.moveaxis(out, -1, 0)
+    if ext.bunit == "DN":
+        data = np.clip(np.rint(data), 0, 255).astype(np.uint8)
+    return ExternalImage(data=data, bunit=ext.bunit, bands=ext.bands), new_crop / crop
+
+
 def _normalised(ext: ExternalImage, path: PathLike, meta: Mapping[str, Any]) -> np.ndarray:
     from galpipe.settings import NormaliseConfig
 
@@ -251,18 +297,22 @@ class Prepared:
         ``"<file>: <reason>"`` of every file that could not be used.
     warnings : list of str
         ``"<file>: <difference>"`` of every contract difference let through by ``force``.
+    reframe : list of float
+        Per kept file, the factor :func:`reframe_input` applied to the crop side (1: none).
     """
 
     x: np.ndarray
     kept: list[str]
     failed: list[str]
     warnings: list[str] = field(default_factory=list)
+    reframe: list[float] = field(default_factory=list)
 
 
 def _preprocess(paths: Iterable[PathLike], meta: Mapping[str, Any], crop_fraction: float | None, *,
                 contract: Mapping[str, Any] | None = None, force: bool = False, model: PathLike = "",
-                show_progress: bool = False) -> Prepared:
-    """Load, check (against ``contract`` when given) and normalise every path.
+                show_progress: bool = False, reframe: str = "off") -> Prepared:
+    """Load, check (against ``contract`` when given), reframe (:func:`reframe_input`) and
+    normalise every path.
 
     An unreadable file is skipped and recorded; a file that breaks the contract raises
     :class:`InputContractError`, unless ``force``: then the difference is recorded as a
@@ -271,7 +321,7 @@ def _preprocess(paths: Iterable[PathLike], meta: Mapping[str, Any], crop_fractio
     h, w, c = meta["image_shape"]
     paths = [str(p) for p in paths]
     crop = _crop_of(meta, crop_fraction)
-    imgs, kept, failed, warned = [], [], [], []
+    imgs, kept, failed, warned, factors = [], [], [], [], []
     for p in track(paths, "predict: reading images", "image", enabled=show_progress):
         try:
             ext = load_input(p, meta, crop)
@@ -285,8 +335,10 @@ def _preprocess(paths: Iterable[PathLike], meta: Mapping[str, Any], crop_fractio
                     if len(warned) < 5:
                         log.warning("--force: image %s: %s", p, d)
                     warned.append(f"{p}: {d}")
+            ext, factor = reframe_input(p, meta, crop, ext, reframe)
             imgs.append(_normalised(ext, p, meta))
             kept.append(p)
+            factors.append(factor)
         except InputContractError:
             raise
         except DataError as exc:
@@ -295,7 +347,7 @@ def _preprocess(paths: Iterable[PathLike], meta: Mapping[str, Any], crop_fractio
     if len(warned) > 5:
         log.warning("--force: %d contract difference(s) in all, recorded in the output's metadata", len(warned))
     arr = np.stack(imgs) if imgs else np.zeros((0, h, w, c), np.float32)
-    return Prepared(arr, kept, failed, warned)
+    return Prepared(arr, kept, failed, warned, factors)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -350,7 +402,7 @@ def _read_yaml(path: PathLike) -> dict[str, Any]:
 def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *, tta: bool = False,
                   mc_dropout: int = 0, config: PathLike | None = None, crop_fraction: float | None = None,
                   seed: int = 0, cache_dir: PathLike = CUTOUT_CACHE_ROOT, force: bool = False,
-                  show_progress: bool = True) -> pd.DataFrame:
+                  show_progress: bool = True, reframe: str = "auto") -> pd.DataFrame:
     """Classify a file, a folder or a catalogue; write the probabilities (see :func:`output_paths`).
 
     A catalogue's cutouts are fetched through ``config``'s source into
@@ -359,7 +411,9 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
     Every input is checked against the model's input contract (:func:`model_contract`);
     a mismatch raises :class:`InputContractError` unless ``force``.  ``show_progress``
     reports reading and classifying (:mod:`galpipe.progress`: a bar on a terminal, log
-    lines otherwise).
+    lines otherwise).  ``reframe`` (auto, always, off) brings each galaxy to the size it had
+    in the training stamps (:func:`reframe_input`); the factor applied is the output's
+    ``reframe`` column.
 
     Returns
     -------
@@ -371,6 +425,7 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
     """
     from galpipe.nn.persist import MODEL_JSON, load_model
 
+    model_dir = resolve_model(model_dir)  # a folder, or the name of a shipped model (galpipe.models)
     model, meta = load_model(model_dir, pipeline=True)  # a model folder is untrusted: checked in full
     if meta.get("inputs") == "features":
         raise ConfigError(f"model {model_dir} is a catalogue-feature baseline; predict needs an image model")
@@ -378,7 +433,10 @@ def predict_input(model_dir: PathLike, input_path: PathLike, output: PathLike, *
     src = Path(input_path)
     if not src.exists():
         raise DataError(f"predict input {src}: not found")
-    opts = {"contract": contract, "force": force, "model": model_dir, "show_progress": show_progress}
+    if reframe not in REFRAME_MODES:
+        raise ConfigError(f"predict: reframe must be one of {', '.join(REFRAME_MODES)}, got {reframe!r}")
+    opts = {"contract": contract, "force": force, "model": model_dir, "show_progress": show_progress,
+            "reframe": reframe}
     run = _RunInfo(model_dir, src, tta, mc_dropout, seed, force, contract, show_progress)
     if src.is_dir():
         files = [str(p) for p in _image_files(src)]
@@ -503,9 +561,18 @@ def _write_predictions(model: Any, meta: Mapping[str, Any], prep: Prepared, outp
         df[f"p_{c}"] = res.proba[:, k]
     df["pred"] = [classes[i] for i in res.proba.argmax(axis=1)]
     df["entropy"] = res.entropy
+    if prep.reframe and len(prep.reframe) == len(df):
+        df["reframe"] = np.asarray(prep.reframe, np.float64)
     if run.mc_dropout:
         for k, c in enumerate(classes):
             df[f"std_{c}"] = res.std[:, k]
+    write_prediction_tables(df, meta, prep, output, run)
+    return df
+
+
+def write_prediction_tables(df: pd.DataFrame, meta: Mapping[str, Any], prep: Prepared, output: PathLike,
+                            run: _RunInfo) -> None:
+    """Write ``df`` (one row per input) to every file of :func:`output_paths`, with the run's metadata."""
     table_meta = _table_meta(meta, prep, run)
     for fmt, path in output_paths(output).items():
         if fmt == "parquet":
@@ -522,7 +589,6 @@ def _write_predictions(model: Any, meta: Mapping[str, Any], prep: Prepared, outp
             atomic_write_text(path, text.to_csv(index=False, float_format="%.6g"))
         else:
             write_astropy_table(df, path, table_meta, fmt)
-    return df
 
 
 def _file_hash(path: Path) -> str | None:
@@ -640,6 +706,7 @@ def evaluate_external(params: Mapping[str, Any], model_dir: PathLike, images_dir
     from galpipe.nn.persist import load_model
     from galpipe.stages.evaluate import run as evaluate_experiment
 
+    model_dir = resolve_model(model_dir)  # a folder, or the name of a shipped model (galpipe.models)
     _, meta = load_model(model_dir, pipeline=True)
     classes = list(meta["classes"])
     labels = read_labels({"directory": str(images_dir), "labels_csv": str(labels_csv), "id_column": id_column,

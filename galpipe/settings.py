@@ -136,6 +136,7 @@ class ImagesConfig(Section):
     path_column: str
     label_map: Mapping[str, str | None]
     crop_fraction: float
+    span_r90: float | None
 
 
 # --------------------------------------------------------------------------- sdss

@@ -180,6 +180,27 @@ class _Container(Layer):
     def n_params(self) -> int:
         return int(sum(child.n_params() for _, child in self.named_children()))
 
+    def freeze(self, n: int) -> None:
+        """Keep the first ``n`` layers fixed in training: they run in evaluation mode
+        (batch normalisation uses its running statistics, dropout is off) and get no
+        backward pass; their parameters are left out of the optimiser by the caller
+        (:func:`galpipe.nn.training.fit`).  ``n = 0`` undoes it.
+
+        Raises
+        ------
+        ModelError
+            ``n`` negative or not smaller than the number of layers.
+        """
+        if not 0 <= int(n) < len(self.layers):
+            raise ModelError(f"freeze: {n} layers of {len(self.layers)}: at least the last layer must train")
+        self.n_frozen = int(n)
+        if self.built:
+            self._plan = self._make_plan()
+
+    def frozen_keys(self) -> list[str]:
+        """Parameter names (as in :attr:`params`) of the frozen layers."""
+        return [k for k in self.params if int(k.split(".", 1)[0]) < self.n_frozen]
+
     def use_fast_path(self, enabled: bool = True) -> None:
         """Run the fast kernels of :mod:`galpipe.nn.fast` (default) or only the reference
         layers (``enabled=False``), in this container and every nested one."""
@@ -243,6 +264,8 @@ class Sequential(_Container):
                 raise ModelError(f"sequential: item {i} ({item!r}) is not a layer")
         self.layers: list[Layer] = items
         self.fast = True
+        #: Leading layers kept fixed in training (:meth:`freeze`).
+        self.n_frozen = 0
         self._plan: list[tuple[Step, tuple[int, ...]]] | None = None
 
     # -- structure ------------------------------------------------------------------
@@ -313,6 +336,8 @@ class Sequential(_Container):
         while i < len(self.layers):
             layer = self.layers[i]
             step = layer.fast_step(self.layers[i + 1 :]) if self.fast else None
+            if step is not None and i < self.n_frozen < i + step.size:
+                step = None  # a fused step must not straddle the frozen boundary
             if step is None:
                 plan.append((layer, (i,)))  # type: ignore[arg-type]
                 i += 1
@@ -355,8 +380,8 @@ class Sequential(_Container):
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
         assert self._plan is not None
-        for step, _ in self._plan:
-            x = step.forward(x, training)
+        for step, idx in self._plan:
+            x = step.forward(x, training and idx[0] >= self.n_frozen)
         return x
 
     def backward(self, dout: np.ndarray, input_grad: bool | None = None) -> np.ndarray | None:
@@ -388,6 +413,7 @@ class Sequential(_Container):
             # Leading parameter-free layers need no backward at all.
             while first < len(self.layers) - 1 and self.layers[first].n_params() == 0:
                 first += 1
+            first = max(first, self.n_frozen)  # frozen layers need no gradients
         for i, layer in enumerate(self.layers):
             layer.input_grad_needed = need or i > first
         d: np.ndarray | None = np.asarray(dout, dtype=self.dtype)

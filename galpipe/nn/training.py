@@ -59,7 +59,7 @@ from tqdm import tqdm
 from galpipe.errors import ConfigError, DataError, ModelError
 from galpipe.io.atomic import atomic_path, atomic_write_text
 from galpipe.nn.arrays import assign_arrays, read_npz
-from galpipe.nn.augment import random_augment
+from galpipe.nn.augment import RenderSpec, random_augment, random_render
 from galpipe.nn.data import STREAM_AUGMENT, STREAM_DROPOUT, Dataset, epoch_rng
 from galpipe.nn.losses import SoftmaxCrossEntropy, log_softmax
 from galpipe.nn.optim import clip_grad_norm, flatten_parameters, make_optimizer
@@ -102,6 +102,14 @@ class TrainConfig:
         (training and validation loss).
     augment, max_shift
         Random D4 symmetry and shifts up to ``max_shift`` pixels per training image.
+    rendering : mapping
+        Random changes of how an image was made (zoom, blur, noise, stretch, JPEG):
+        :class:`galpipe.nn.augment.RenderSpec`; all off by default.
+    init_from : str or None
+        A model (shipped name or folder) whose matching weights start the training
+        (copied by the train stage, :func:`galpipe.stages.train.init_weights`).
+    freeze : int
+        Leading layers whose parameters stay fixed (evaluation mode: batch statistics frozen too).
     early_stopping_patience : int
         Epochs without improvement of ``early_stopping_metric`` (by more than
         ``min_delta``) before stopping; 0 never stops early.  The best epoch's
@@ -127,6 +135,9 @@ class TrainConfig:
     class_weighting: str
     augment: bool
     max_shift: int
+    rendering: Mapping[str, Any]
+    init_from: str | None
+    freeze: int
     early_stopping_patience: int
     early_stopping_metric: str
     min_delta: float
@@ -173,6 +184,7 @@ class TrainConfig:
         """JSON-serialisable copy (round-trips through :meth:`from_dict`)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["schedule"] = dict(self.schedule)
+        out["rendering"] = dict(self.rendering)
         return copy.deepcopy(out)
 
 
@@ -563,6 +575,7 @@ def fit(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    display: bool = False,
 ) -> History:
     """Train ``model`` in place; return the per-epoch history.
 
@@ -592,6 +605,9 @@ def fit(
         stderr is a terminal).
     log : callable, optional
         Receives one summary line per epoch (default: ``logging`` at INFO).
+    display : bool
+        The images are 8-bit display values in 0..1 (JPEG/PNG): the rendering changes
+        clip to 0..1 and may re-compress as JPEG (``cfg.rendering``).
 
     Returns
     -------
@@ -606,7 +622,7 @@ def fit(
         cfg = TrainConfig.from_dict(cfg)
     emit = log if log is not None else logger.info
     _check_compat(model, train_ds, val_ds)
-    run = _setup(model, train_ds, cfg, emit)
+    run = _setup(model, train_ds, cfg, emit, display)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and has_checkpoint(ckpt):
         st = _read_checkpoint(ckpt, model, run.optimizer, cfg)
@@ -635,6 +651,8 @@ def fit(
     if st.best_params is not None:
         assign_arrays(model.params, st.best_params, where="best-epoch parameters")
         assign_arrays(model.state, st.best_buffers or {}, where="best-epoch buffers")
+    if cfg.freeze:
+        model.freeze(0)
     return st.history
 
 
@@ -647,11 +665,14 @@ class _Setup:
     schedule: Callable[[int], float]
     steps_per_epoch: int
     class_weights: np.ndarray | None
+    render: RenderSpec
+    display: bool
 
 
-def _setup(model: Any, train_ds: Dataset, cfg: TrainConfig, emit: Callable[[str], None]
-           ) -> _Setup:
-    """Class weights, loss, optimizer (on ``model.params``) and learning-rate schedule."""
+def _setup(model: Any, train_ds: Dataset, cfg: TrainConfig, emit: Callable[[str], None],
+           display: bool = False) -> _Setup:
+    """Class weights, loss, optimizer (on the trainable ``model.params``), learning-rate
+    schedule and the rendering changes; ``cfg.freeze`` leading layers are frozen."""
     weights: np.ndarray | None = None
     if cfg.class_weighting == "balanced":
         counts = np.bincount(train_ds.labels(), minlength=int(model.output_shape[-1]))
@@ -663,13 +684,30 @@ def _setup(model: Any, train_ds: Dataset, cfg: TrainConfig, emit: Callable[[str]
     # one flat buffer for the parameters and one for the gradients (values kept): the
     # optimiser then updates the whole model with a few ufunc calls
     flatten_parameters(model)
+    params = model.params
+    if cfg.freeze:
+        n_layers = len(getattr(model, "layers", ()))
+        if cfg.freeze >= n_layers:
+            raise ConfigError(f"training.freeze: {cfg.freeze} would freeze every layer of the {n_layers}-layer "
+                              f"network (output layer included); at most {n_layers - 1}")
+        model.freeze(cfg.freeze)
+        frozen = set(model.frozen_keys())
+        params = {k: v for k, v in params.items() if k not in frozen}
+        if not params:
+            raise ConfigError(f"training.freeze: the first {cfg.freeze} layers hold every parameter")
+        emit(f"freezing the first {cfg.freeze} layers ({sum(model.params[k].size for k in frozen):,} parameters); "
+             f"training {sum(p.size for p in params.values()):,}")
+    render = RenderSpec.from_dict(cfg.rendering)
+    if render.jpeg_quality is not None and not display:
+        raise ConfigError("training.rendering.jpeg_quality: the training images are not 8-bit display images "
+                          "(JPEG/PNG); JPEG re-compression applies to those only")
     try:
-        optimizer = make_optimizer(cfg.optimizer, model.params, lr=cfg.lr, **opt_kwargs)
+        optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, **opt_kwargs)
     except ModelError as exc:
         raise ConfigError(f"training config: optimizer_kwargs: {exc}") from exc
     steps_per_epoch = math.ceil(train_ds.n_rows / cfg.batch_size)
     schedule = make_schedule(cfg.schedule_spec, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch)
-    return _Setup(loss_fn, optimizer, schedule, steps_per_epoch, weights)
+    return _Setup(loss_fn, optimizer, schedule, steps_per_epoch, weights, render, display)
 
 
 def _train_epoch(model: Any, train_ds: Dataset, cfg: TrainConfig, run: _Setup, st: _RunState,
@@ -692,6 +730,8 @@ def _train_epoch(model: Any, train_ds: Dataset, cfg: TrainConfig, run: _Setup, s
             cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
             buffer_size=cfg.shuffle_buffer,
         ):
+            if run.render.enabled:
+                xb = random_render(xb, aug_rng, run.render, display=run.display)
             if cfg.augment:
                 xb = random_augment(xb, aug_rng, max_shift=cfg.max_shift)
             loss, logits = _train_step(model, xb, yb, cfg, run, st)

@@ -152,9 +152,12 @@ def stage_params(cfg: Config | Mapping[str, Any], stage: str) -> dict[str, Any]:
 
 
 def experiment_params(cfg: Config | Mapping[str, Any], experiment: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters of the train rule for one resolved experiment (seed and preprocessing added)."""
+    """Parameters of the train rule for one resolved experiment (seed and preprocessing added):
+    the experiment's own ``seed`` when it sets one, else the master seed."""
     cfg = as_config(cfg)
-    return {**experiment, "seed": cfg.seed, "preprocess": stage_params(cfg, "preprocess")}
+    seed = experiment.get("seed")
+    return {**experiment, "seed": cfg.seed if seed is None else int(seed),
+            "preprocess": stage_params(cfg, "preprocess")}
 
 
 def source_params(cfg: Config) -> dict[str, Any]:

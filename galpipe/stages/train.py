@@ -100,10 +100,14 @@ def source_contract(cfg: Config) -> dict[str, Any]:
                                            f"(SkyServer JPEG cutouts, {size} x {size})"}}
     if cfg.source == "images":
         crop = float(cfg.images.crop_fraction)
-        return {"pixel_unit": None,
-                "framing": {"kind": "crop", "crop_fraction": crop,
-                            "description": f"centre crop of {crop:g} of the shorter image side, resized to "
-                                           f"{size} x {size} (as the training images were framed)"}}
+        framing: dict[str, Any] = {"kind": "crop", "crop_fraction": crop,
+                                   "description": f"centre crop of {crop:g} of the shorter image side, resized to "
+                                                  f"{size} x {size} (as the training images were framed)"}
+        if cfg.images.span_r90 is not None:  # the images were framed by petroR90_r: the crop's side in those units
+            span = float(cfg.images.span_r90) * crop
+            framing["span_r90"] = span
+            framing["description"] += f"; the crop spans {span:g} x petroR90_r"
+        return {"pixel_unit": None, "framing": framing}
     return {"pixel_unit": None, "framing": {"kind": "unknown", "description": f"not declared by source {cfg.source!r}"}}
 
 
@@ -192,6 +196,71 @@ def _training_pixel_unit(preprocess: Mapping[str, Any], train: PathLike) -> tupl
     return ext.bunit, f"the training image {Path(path).name}"
 
 
+def init_files(exp: Mapping[str, Any]) -> list[str]:
+    """The files of the model an experiment starts from (``training.init_from``): its
+    ``model.json`` and ``weights.npz``, inputs of the train job (empty without init_from)."""
+    from galpipe.models import resolve_model
+
+    ref = (exp.get("training") or {}).get("init_from")
+    if not ref:
+        return []
+    folder = resolve_model(ref)
+    return [str(folder / "model.json"), str(folder / "weights.npz")]
+
+
+def init_weights(model: Any, ref: str, classes: Sequence[str]) -> dict[str, Any]:
+    """Copy the weights of model ``ref`` (a shipped name or a folder) into ``model`` where they fit.
+
+    Every parameter and buffer whose name (layer index, type, array) and shape match is
+    copied; the output layer is copied only when the classes are the same, in the same
+    order; everything else keeps its fresh initialisation.
+
+    Returns
+    -------
+    dict
+        What was done, for ``model.json``: ``model`` (the ref), ``weights_sha256``,
+        ``classes`` of the source, ``copied`` and ``fresh`` array names.
+
+    Raises
+    ------
+    ConfigError
+        Nothing fits (a different architecture), naming ``training.init_from``.
+    """
+    import hashlib
+
+    from galpipe.models import resolve_model
+    from galpipe.nn.persist import WEIGHTS_NPZ, _weight_arrays, load_model
+
+    folder = resolve_model(ref)
+    src, src_meta = load_model(folder, pipeline=True)
+    src_classes = list(src_meta.get("classes") or [])
+    live, saved = _weight_arrays(model), _weight_arrays(src)
+    out_layer = len(model.layers) - 1
+    copied, fresh = [], []
+    for key, arr in live.items():
+        layer = int(key.split(":", 1)[1].split(".", 1)[0])
+        other = saved.get(key)
+        if (layer == out_layer and src_classes != list(classes)) or other is None or other.shape != arr.shape:
+            fresh.append(key)
+            continue
+        arr[...] = other
+        copied.append(key)
+    if not copied:
+        raise ConfigError(f"training.init_from: model {ref!r} ({folder}) shares no layer with this architecture "
+                          f"(its layers: {[c['type'] for c in src_meta.get('architecture', [])] or 'see model.json'})")
+    digest = hashlib.sha256((folder / WEIGHTS_NPZ).read_bytes()).hexdigest()
+    log.info("init_from %s: copied %d arrays, %d fresh (%s)", ref, len(copied), len(fresh), ", ".join(fresh) or "none")
+    return {"model": str(ref), "weights_sha256": digest, "classes": src_classes, "copied": copied, "fresh": fresh}
+
+
+def _measured_framing(train_ds: Any, n_max: int = 1024) -> dict[str, Any]:
+    """:func:`galpipe.framing.convention` of the first ``n_max`` training stamps (file order)."""
+    from galpipe.framing import convention
+
+    xb, _ = next(iter(train_ds.iter_batches(min(n_max, len(train_ds)), shuffle=False)))
+    return convention(xb)
+
+
 def full_architecture(hidden: Sequence[Any], n_classes: int) -> list[Any]:
     """Hidden layers + the output layer (dense, ``n_classes`` units, logits)."""
     return [*hidden, {"type": "dense", "units": int(n_classes), "init": "glorot"}]
@@ -254,21 +323,28 @@ def run(exp: Mapping[str, Any], train: PathLike, validation: PathLike, model_jso
         input_shape = tuple(meta["image_shape"])
     arch = full_architecture(exp["architecture"], len(classes))
     model = build_model(arch, input_shape, seed=int(exp.get("seed", 0)))
-    data_key = [pq.ParquetFile(train).metadata.num_rows, meta.get("split"), meta.get("normalisation")]
+    init = init_weights(model, tcfg.init_from, classes) if tcfg.init_from else None
+    data_key = [pq.ParquetFile(train).metadata.num_rows, meta.get("split"), meta.get("normalisation"),
+                init and init["weights_sha256"]]
     ckpt = Path(checkpoint_root) / f"{name}-{fingerprint(arch, tcfg.to_dict(), input_shape, data_key)}"
+    preprocess = dict(exp.get("preprocess") or {})
+    unit, unit_from = (_training_pixel_unit(preprocess, train) if exp.get("inputs", "image") == "image"
+                       else (None, "unknown"))
     t0 = time.perf_counter()
-    history = fit(model, train_ds, val_ds, tcfg, checkpoint_dir=ckpt, progress=progress, log=log.info)
+    history = fit(model, train_ds, val_ds, tcfg, checkpoint_dir=ckpt, progress=progress, log=log.info,
+                  display=unit == "DN")
     seconds = time.perf_counter() - t0
     metadata = {
         "experiment": name, "description": exp.get("description", ""), "preset": exp.get("preset"),
         "inputs": exp.get("inputs", "image"), "classes": classes, "bands": meta.get("bands", []),
         "image_shape": meta["image_shape"], "normalisation": meta.get("normalisation", {}),
         "features": feature_info, "training": tcfg.to_dict(), "galpipe_version": __version__,
-        "preprocess": dict(exp.get("preprocess") or {}),
+        "preprocess": preprocess, "init_from": init,
         "provenance": provenance("train", exp, [train, validation]),
     }
+    if metadata["inputs"] == "image":  # how large the galaxies look: predict --reframe restores it
+        metadata["framing_measured"] = _measured_framing(train_ds)
     if metadata["inputs"] == "image":  # what predict checks every input against
-        unit, unit_from = _training_pixel_unit(metadata["preprocess"], train)
         metadata["input_contract"] = input_contract(
             metadata["preprocess"], metadata["bands"], input_shape, unit,
             derived_from=f"the train split's bands and shape; pixel unit from {unit_from}; framing from the "

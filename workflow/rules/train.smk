@@ -3,6 +3,7 @@ rule train:
         train=P["split"].format(split="train"),
         validation=P["split"].format(split="validation"),
         preset=lambda w: PRESET_FILES[w.experiment] or [],
+        init=lambda w: INIT_FILES[w.experiment],
     output:
         model=P["model"],
         weights=P["weights"],
