@@ -43,6 +43,7 @@ DEFAULT_REPO = Path("/work/.mirror/sciserver+sqlloader/repo")
 WANTED: dict[str, str] = {
     "PhotoObjAll": "schema/sql/PhotoTables.sql",
     "PhotoObj": "schema/sql/Views.sql",
+    "PhotoPrimary": "schema/sql/Views.sql",
     "SpecObjAll": "schema/sql/SpectroTables.sql",
     "SpecObj": "schema/sql/Views.sql",
     "zooSpec": "schema/sql/GalaxyZooTables.sql",

@@ -909,6 +909,192 @@ def _provenance(sdss: SdssConfig, run: _QueryRun, catalogue: pd.DataFrame, *, cl
     }
 
 
+# --------------------------------------------------------------------------- positions -> nearest PhotoPrimary
+#: Match radius of :func:`query_nearest`, arcsec: SkyServer's own CrossID default (``crossidRadius``
+#: 3.0, sciserver/SkyServer-DR13 commit 887e40e47a1409411b45d46537a73965a0aa087e, Web.config.example line 48).
+NEAREST_RADIUS_ARCSEC = 3.0
+#: Longest query string one SQL request may have: astroquery sends the statement in the URL
+#: (``GET x_results.aspx?cmd=...``, astroquery.sdss.core ``query_sql_async``), and ASP.NET and IIS
+#: refuse query strings over 2048 characters by default (``httpRuntime maxQueryStringLength``,
+#: ``requestLimits maxQueryString``), which SkyServer's Web.config.example (DR13 site) does not raise.
+QUERY_STRING_MAX = 2048
+#: Columns of a :func:`build_nearest_sql` answer, in order (``distance`` in arcmin, as
+#: ``fGetNearestObjEq`` returns it).
+NEAREST_COLUMNS: tuple[str, ...] = ("row_index", "objid", "ra", "dec", "petroR90_r", "distance")
+#: Most positions in one statement (a page is also bounded by :data:`QUERY_STRING_MAX`).
+NEAREST_PAGE_MAX = 500
+
+
+def _check_position(k: int, ra: object, dec: object) -> tuple[float, float]:
+    for name, value, lo, hi in (("ra", ra, 0.0, 360.0), ("dec", dec, -90.0, 90.0)):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not math.isfinite(float(value)) or not lo <= float(value) <= hi:
+            raise ConfigError(f"positions[{k}]: {name} {_show(value)} is not a number in [{lo:g}, {hi:g}] degrees")
+    return float(ra), float(dec)  # type: ignore[arg-type]
+
+
+def build_nearest_sql(positions: Sequence[tuple[int, float, float]], *,
+                      radius_arcsec: float = NEAREST_RADIUS_ARCSEC) -> str:
+    """SQL that finds, for every position, the nearest ``PhotoPrimary`` object within ``radius_arcsec``.
+
+    ::
+
+        SELECT TOP {n} v.row_index, p.objid, p.ra, p.dec, p.petroR90_r, n.distance
+        FROM (VALUES (0, ra0, dec0), (1, ra1, dec1), ...) AS v (row_index, ra, dec)
+        CROSS APPLY dbo.fGetNearestObjEq(v.ra, v.dec, {radius in arcmin}) AS n
+        JOIN PhotoPrimary AS p ON p.objid = n.objid ORDER BY v.row_index
+
+    ``fGetNearestObjEq`` returns the closest primary object within ``@r`` arcmin, or no
+    row (sciserver/sqlloader schema/sql/spNearby.sql, ``CREATE FUNCTION fGetNearestObjEq``);
+    ``CROSS APPLY`` keeps only positions that have one, so a position without a match
+    is simply absent from the answer.
+
+    Parameters
+    ----------
+    positions : sequence of (int, float, float)
+        ``(row_index, ra, dec)``: a caller's row number (0..10**9, distinct) and a position in
+        degrees (ra in [0, 360], dec in [-90, 90]); 1 to :data:`NEAREST_PAGE_MAX` of them.
+    radius_arcsec : float
+        Match radius, (0, 60] arcsec.
+
+    Returns
+    -------
+    str
+        One statement; every number formatted by :func:`sql_int`/:func:`sql_float`.
+
+    Raises
+    ------
+    ConfigError
+        An empty or too long list, a repeated row index, a position or radius out of range
+        (the message names ``positions[k]`` or ``radius_arcsec``).
+    """
+    if not 1 <= len(positions) <= NEAREST_PAGE_MAX:
+        raise ConfigError(f"positions: expected 1 to {NEAREST_PAGE_MAX} positions, got {len(positions)}")
+    if isinstance(radius_arcsec, bool) or not isinstance(radius_arcsec, int | float) \
+            or not 0 < float(radius_arcsec) <= 60:
+        raise ConfigError(f"radius_arcsec: expected a number in (0, 60] arcsec, got {_show(radius_arcsec)}")
+    rows, seen = [], set()
+    for k, item in enumerate(positions):
+        index = check_integer(f"positions[{k}] row index", item[0], 0, 10**9)
+        if index in seen:
+            raise ConfigError(f"positions[{k}]: row index {index} repeated")
+        seen.add(index)
+        ra, dec = _check_position(k, item[1], item[2])
+        rows.append(f"({sql_int(index)}, {sql_float(ra)}, {sql_float(dec)})")
+    return (f"SELECT TOP {sql_int(len(rows))} v.row_index, p.objid, p.ra, p.dec, p.petroR90_r, n.distance "
+            f"FROM (VALUES {', '.join(rows)}) AS v (row_index, ra, dec) "
+            f"CROSS APPLY dbo.fGetNearestObjEq(v.ra, v.dec, {sql_float(float(radius_arcsec) / 60.0)}) AS n "
+            "JOIN PhotoPrimary AS p ON p.objid = n.objid ORDER BY v.row_index")
+
+
+def sql_query_string_length(sql: str, dr: int) -> int:
+    """Characters of the query string astroquery sends for ``sql`` (``cmd``, ``format`` and, after DR11,
+    ``searchtool``, URL-encoded as requests encodes them)."""
+    from urllib.parse import urlencode
+
+    payload = {"cmd": " " + sql, "format": "csv"}  # astroquery's __sanitize_query prefixes each line with " "
+    if dr > 11:
+        payload["searchtool"] = "SQL"
+    return len(urlencode(payload))
+
+
+def nearest_pages(positions: Sequence[tuple[int, float, float]], *, dr: int,
+                  radius_arcsec: float = NEAREST_RADIUS_ARCSEC) -> list[list[tuple[int, float, float]]]:
+    """``positions`` cut into consecutive pages whose :func:`build_nearest_sql` fits :data:`QUERY_STRING_MAX`.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`build_nearest_sql`.
+    """
+    pages: list[list[tuple[int, float, float]]] = []
+    page: list[tuple[int, float, float]] = []
+    for item in positions:
+        trial = [*page, item]
+        too_long = sql_query_string_length(build_nearest_sql(trial, radius_arcsec=radius_arcsec), dr) > \
+            QUERY_STRING_MAX
+        if page and (too_long or len(trial) > NEAREST_PAGE_MAX):
+            pages.append(page)
+            page = [item]
+        else:
+            page = trial
+    if page:
+        pages.append(page)
+    return pages
+
+
+def query_nearest(sdss: SdssConfig | Mapping[str, Any], positions: Sequence[tuple[int, float, float]], *,
+                  radius_arcsec: float = NEAREST_RADIUS_ARCSEC,
+                  rate_state_dir: PathLike | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The nearest ``PhotoPrimary`` object of each position, one SkyServer query per page of positions.
+
+    Pages come from :func:`nearest_pages`; each goes through the catalogue queries' client
+    (astroquery, the shared SQL request budget, retries, SkyServer's error answers).
+
+    Parameters
+    ----------
+    sdss : SdssConfig or mapping
+        The ``sdss:`` section (``skyserver_url``, ``data_release``, ``query`` used).
+    positions : sequence of (int, float, float)
+        ``(row_index, ra, dec)``, as for :func:`build_nearest_sql`.
+    radius_arcsec : float
+        Match radius.
+    rate_state_dir : path-like, optional
+        Folder of the shared request budgets; default ``FRAME_CACHE_ROOT / "rate"``.
+
+    Returns
+    -------
+    matches : pandas.DataFrame
+        One row per position that has a match (positions without one are absent):
+        ``row_index`` (int64), ``objid`` (int64), ``ra``, ``dec``, ``petroR90_r`` (arcsec) of the
+        object and ``distance_arcsec`` (float64), in ``row_index`` order.
+    provenance : dict
+        ``sql`` (every statement sent), ``n_queries``, ``data_release``, ``skyserver_url``,
+        ``radius_arcsec``.
+
+    Raises
+    ------
+    ConfigError
+        A bad position or radius (before anything is sent).
+    SourceError
+        As :func:`query_catalogue`.
+    """
+    sdss = sdss_section(sdss)
+    pages = nearest_pages(positions, dr=sdss.data_release, radius_arcsec=radius_arcsec) if positions else []
+    limiter = RateLimiter.for_service(sdss.query.max_queries_per_minute / 60.0, burst=1, url=sdss.skyserver_url,
+                                      state_dir=FRAME_CACHE_ROOT / "rate" if rate_state_dir is None
+                                      else rate_state_dir, scope="sql")
+    run = _QueryRun(sdss=sdss, limiter=limiter, expected=list(NEAREST_COLUMNS))
+    _sdss, conf, _ = _astroquery()
+    frames = []
+    with conf.set_temp("skyserver_baseurl", base_url(sdss.skyserver_url)):
+        for page in pages:
+            sql = build_nearest_sql(page, radius_arcsec=radius_arcsec)
+            run.sqls.append(sql)
+            got = _run_query(sql, run)
+            if got is not None and not got.empty:
+                frames.append(got[list(NEAREST_COLUMNS)])
+    out = pd.DataFrame({
+        "row_index": pd.Series(dtype=np.int64), "objid": pd.Series(dtype=np.int64),
+        "ra": pd.Series(dtype=np.float64), "dec": pd.Series(dtype=np.float64),
+        "petroR90_r": pd.Series(dtype=np.float64), "distance_arcsec": pd.Series(dtype=np.float64)})
+    if frames:
+        got = pd.concat(frames, ignore_index=True)
+        asked = {int(p[0]) for p in positions}
+        index = got["row_index"].astype(np.int64)
+        if not set(index) <= asked or index.duplicated().any():
+            raise SourceError(f"SkyServer DR{sdss.data_release} answered the position look-up with row indices "
+                              f"that were not asked for, or twice: {sorted(set(index) - asked)[:5]}")
+        out = pd.DataFrame({"row_index": index, "objid": got["objid"].astype(np.int64),
+                            "ra": got["ra"].astype(np.float64), "dec": got["dec"].astype(np.float64),
+                            "petroR90_r": got["petroR90_r"].astype(np.float64),
+                            "distance_arcsec": got["distance"].astype(np.float64) * 60.0})
+        out = out.sort_values("row_index", kind="stable").reset_index(drop=True)
+    prov = {"sql": run.sqls, "n_queries": run.n_queries, "data_release": sdss.data_release,
+            "skyserver_url": base_url(sdss.skyserver_url), "radius_arcsec": float(radius_arcsec)}
+    return out, prov
+
+
 # --------------------------------------------------------------------------- the source
 #: Root of the SDSS frame cache (shared by every configuration), relative to the working directory.
 FRAME_CACHE_ROOT = Path("resources") / "sdss"

@@ -846,6 +846,9 @@ GZ2_COLUMNS: tuple[str, ...] = (
 _MODELLED: dict[str, dict[str, str]] = {
     "photoobj": {c.lower(): c for c in _PHOTO_COLUMNS},
     "photoobjall": {c.lower(): c for c in _PHOTO_COLUMNS},
+    # PhotoPrimary = PhotoObjAll WHERE mode=1 (sqlloader schema/sql/Views.sql line 87, CREATE VIEW
+    # PhotoPrimary): the stand-in's sky has one (primary) row per object, so it is every row.
+    "photoprimary": {c.lower(): c for c in _PHOTO_COLUMNS},
     # SpecObj = SpecObjAll WHERE sciencePrimary = 1 (sqlloader schema/sql/Views.sql, CREATE VIEW SpecObj):
     # one primary spectrum per object here, its id in ``specobjid``.
     "specobj": {"specobjid": "specobjid", "bestobjid": "objid", "class": "class", "z": "z"},
@@ -999,6 +1002,128 @@ def _parse_from(text: str) -> _From:
     return _From(tables=tables, zoo=bool(_ZOO_TABLES & set(tables.values())), joins=joins)
 
 
+#: Columns of the table ``fGetNearestObjEq`` returns (sqlloader schema/sql/spNearby.sql lines 399-411,
+#: ``RETURNS @proxtab TABLE``); the stand-in models ``objID`` and ``distance`` (arcmin).
+NEAREST_FUNCTION_COLUMNS: tuple[str, ...] = (
+    "objID", "run", "camcol", "field", "rerun", "type", "cx", "cy", "cz", "htmID", "distance")
+_NEAREST = re.compile(
+    rf"^SELECT\s+TOP\s+(?P<top>\d+)\s+(?P<cols>.+?)\s+FROM\s+\(\s*VALUES\s*(?P<values>\(.*?\))\s*\)\s+"
+    r"(?:AS\s+)?(?P<v>\w+)\s*\(\s*(?P<vcols>\w+(?:\s*,\s*\w+)*)\s*\)\s+"
+    r"CROSS\s+APPLY\s+(?:dbo\.)?fGetNearestObjEq\s*\(\s*(?P<a1>\w+)\.(?P<c1>\w+)\s*,\s*(?P<a2>\w+)\.(?P<c2>\w+)\s*,"
+    rf"\s*(?P<r>{_NUM})\s*\)\s+(?:AS\s+)?(?P<n>\w+)\s+(?:INNER\s+)?JOIN\s+(?P<table>\w+)\s+(?:AS\s+)?(?P<p>\w+)\s+"
+    r"ON\s+(?P<j1>\w+)\.(?P<j1c>\w+)\s*=\s*(?P<j2>\w+)\.(?P<j2c>\w+)"
+    r"(?:\s+ORDER\s+BY\s+(?P<oa>\w+)\.(?P<oc>\w+))?\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
+_VALUES_ROW = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\)")
+
+
+def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` unit vectors of positions in degrees (spNearby.sql ``fDistanceArcMinEq``, lines 145-150)."""
+    r, d = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)], axis=-1)
+
+
+def execute_nearest(table: pd.DataFrame, sql: str, top: int) -> tuple[list[str], list[list[Any]]] | None:
+    """The positional look-up of :func:`galpipe.sources.sdss.build_nearest_sql`, as SQL Server runs it.
+
+    ``SELECT TOP n <cols> FROM (VALUES (i, ra, dec), ...) AS v (i, ra, dec) CROSS APPLY
+    dbo.fGetNearestObjEq(v.ra, v.dec, r) AS n JOIN PhotoPrimary AS p ON p.objid = n.objid
+    [ORDER BY v.i]``.  For each ``VALUES`` row, ``fGetNearestObjEq`` (sqlloader
+    schema/sql/spNearby.sql line 374) returns the closest primary object (``SELECT top 1 ...
+    ORDER BY distance ASC``, lines 418-420) among those whose unit-vector chord to the position
+    is below ``2 sin(r / 120 deg)`` (``fGetNearbyObjXYZ``, lines 682-686: strictly within ``r``
+    arcmin), with ``distance`` = ``2 * DEGREES(ASIN(chord / 2)) * 60`` arcmin (line 681); none
+    when nothing is that close.  ``CROSS APPLY`` keeps only the outer rows for which the function
+    returns a row (T-SQL's APPLY operator; ``OUTER APPLY`` would keep the others), so a position
+    without a match is absent from the answer.
+
+    Returns
+    -------
+    (names, rows) or None
+        None when ``sql`` is not of this form (the general engine takes it).
+
+    Raises
+    ------
+    SqlServerError
+        Unknown alias, column or table (the DR17 schema; the function's own columns:
+        :data:`NEAREST_FUNCTION_COLUMNS`).
+    SqlNotModelled
+        The form matched but uses something the stand-in does not model.
+    """
+    m = _NEAREST.match(" ".join(sql.split()))
+    if m is None:
+        return None
+    objects, _ = _dr17_objects()
+    if m["table"].lower() not in objects:
+        raise SqlServerError(f"Invalid object name '{m['table']}'.")
+    if m["table"].lower() not in ("photoprimary", "photoobj", "photoobjall"):
+        raise SqlNotModelled(f"stand-in: fGetNearestObjEq joined to {m['table']} is not modelled")
+    v_alias, n_alias, p_alias = m["v"].lower(), m["n"].lower(), m["p"].lower()
+    v_cols = [c.strip().lower() for c in m["vcols"].split(",")]
+    rows = _VALUES_ROW.findall(m["values"])
+    if len(v_cols) != 3 or _VALUES_ROW.sub("", m["values"]).replace(",", "").strip():
+        raise SqlNotModelled("stand-in: VALUES rows must be (integer, ra, dec) triples")
+    values = pd.DataFrame([(int(a), float(b), float(c)) for a, b, c in rows], columns=v_cols)
+    function_cols = {c.lower() for c in NEAREST_FUNCTION_COLUMNS}
+    tables = {p_alias: m["table"].lower()}
+
+    def column(alias: str, col: str) -> tuple[str, str]:
+        """``(which, name)``: ``("v", col)``, ``("n", col)`` or ``("p", internal column)``."""
+        a, c = alias.lower(), col.lower()
+        if a == v_alias:
+            if c not in v_cols:
+                raise SqlServerError(f"Invalid column name '{col}'.")
+            return "v", c
+        if a == n_alias:
+            if c not in function_cols:
+                raise SqlServerError(f"Invalid column name '{col}'.")
+            if c not in ("objid", "distance"):
+                raise SqlNotModelled(f"stand-in: fGetNearestObjEq column {col} is not modelled")
+            return "n", c
+        return "p", _resolve(tables, alias, col)
+
+    args = [column(m["a1"], m["c1"]), column(m["a2"], m["c2"])]
+    if [a[0] for a in args] != ["v", "v"]:
+        raise SqlNotModelled("stand-in: fGetNearestObjEq's ra, dec must be columns of the VALUES table")
+    join = {column(m["j1"], m["j1c"]), column(m["j2"], m["j2c"])}
+    if join != {("n", "objid"), ("p", "objid")}:
+        raise SqlNotModelled("stand-in: the join must be p.objid = n.objid")
+    items = []
+    for item in m["cols"].split(","):
+        cm = re.fullmatch(r"\s*(\w+)\.(\w+)(?:\s+AS\s+(\w+))?\s*", item, re.I)
+        if not cm:
+            raise SqlNotModelled(f"stand-in: unsupported select item {item.strip()!r}")
+        items.append((column(cm[1], cm[2]), cm[3] or cm[2]))
+    order = column(m["oa"], m["oc"]) if m["oa"] else None
+    if order is not None and order[0] != "v":
+        raise SqlNotModelled("stand-in: ORDER BY only on a column of the VALUES table")
+    radius = float(m["r"])
+    sky = table.reset_index(drop=True)
+    sky_xyz = _unit_vectors(sky["ra"].to_numpy(dtype=float), sky["dec"].to_numpy(dtype=float))
+    pos_xyz = _unit_vectors(values[args[0][1]].to_numpy(dtype=float), values[args[1][1]].to_numpy(dtype=float))
+    limit = (2.0 * math.sin(math.radians(radius / 120.0))) ** 2
+    out = []
+    for k in range(len(values)):
+        chord2 = ((sky_xyz - pos_xyz[k]) ** 2).sum(axis=1)
+        j = int(np.argmin(chord2)) if radius >= 0 and len(sky) else -1
+        if j < 0 or not chord2[j] < limit:
+            continue  # fGetNearestObjEq returned no row: CROSS APPLY drops the position
+        distance = 2.0 * math.degrees(math.asin(math.sqrt(chord2[j]) / 2.0)) * 60.0
+        record = []
+        for (which, name), _label in items:
+            if which == "v":
+                record.append(values[name].iloc[k].item())
+            elif which == "n":
+                record.append(int(sky.loc[j, "objid"]) if name == "objid" else distance)
+            else:
+                value = sky.loc[j, name]
+                record.append(value.item() if hasattr(value, "item") else value)
+        out.append((values[order[1]].iloc[k].item() if order else k, record))
+    out.sort(key=lambda pair: pair[0])
+    return [label for _, label in items], [record for _, record in out[:top]]
+
+
 def spexecutesql_filter(sql: str, *, row_limit: int) -> int:
     """spExecuteSQL's checks before it runs a statement; returns the TOP that applies.
 
@@ -1054,6 +1179,9 @@ def execute_sql(table: pd.DataFrame, sql: str, *, row_limit: int = SQL_ROW_LIMIT
         ORDER BY, a DR17 table or column it does not serve): never silently ignored.
     """
     top = spexecutesql_filter(sql, row_limit=row_limit)
+    nearest = execute_nearest(table, sql, top)
+    if nearest is not None:
+        return nearest
     m = _SQL.match(" ".join(sql.split()))
     if not m:
         raise SqlNotModelled("stand-in: expected SELECT [TOP n] ... FROM ... [WHERE ...] [ORDER BY ...]")
