@@ -23,6 +23,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -193,3 +194,59 @@ def test_tiny_simulated_run_through_the_installed_cli(venv: dict) -> None:
              "--validation", "results/split/validation.parquet", "--output-dir", "results/models/tiny")
     model = work / "results" / "models" / "tiny"
     assert (model / "model.json").is_file() and (model / "weights.npz").is_file()
+
+
+# --------------------------------------------------------------------------- shipped pretrained models
+SHIPPED_MODELS = REPO / "galpipe" / "models"
+GZ1_IMAGES = REPO.parent / "shared" / "data" / "gz1-sdss-jpeg"
+
+
+def _shipped_in_checkout() -> list[str]:
+    """Names of the models shipped in this checkout (galpipe/models/<name>/model.json)."""
+    return sorted(p.parent.name for p in SHIPPED_MODELS.glob("*/model.json") if not p.parent.name.startswith("."))
+
+
+def test_wheel_carries_every_shipped_model(dist: dict[str, Path]) -> None:
+    from galpipe.models import SHIPPED_FILES
+
+    with zipfile.ZipFile(dist["wheel"]) as zf:
+        names = set(zf.namelist())
+        assert "galpipe/models/__init__.py" in names
+        for model in _shipped_in_checkout():
+            for f in SHIPPED_FILES:
+                member = f"galpipe/models/{model}/{f}"
+                assert member in names, f"{member} missing from the wheel (pyproject package-data 'models/*/*')"
+                assert zf.read(member) == (SHIPPED_MODELS / model / f).read_bytes(), member
+
+
+def test_installed_galpipe_predicts_with_the_shipped_gz1_by_name(venv: dict) -> None:
+    """``galpipe predict --model gz1`` from the wheel, outside the checkout, on 5 real GZ1 JPEGs."""
+    if not (SHIPPED_MODELS / "gz1" / "model.json").is_file():
+        pytest.skip(f"no shipped model at {SHIPPED_MODELS / 'gz1'} yet (scripts/package_model.py writes it)")
+    if not (GZ1_IMAGES / "labels.csv").is_file():
+        pytest.skip(f"real GZ1 SDSS JPEG set not found at {GZ1_IMAGES} (only on CI/dev machines)")
+    import pandas as pd
+
+    from galpipe.predict import predict_input
+
+    work = Path(venv["work"])
+    images = work / "gz1_five"
+    images.mkdir(exist_ok=True)
+    rows = pd.read_csv(SHIPPED_MODELS / "gz1" / "test_split.csv").head(5)
+    for image in rows["image"]:
+        shutil.copy(GZ1_IMAGES / image, images / Path(image).name)
+    res = _galpipe(venv, "predict", "--model", "gz1", "gz1_five", "--output", "gz1_five.csv")
+    assert "5 predictions" in res.stdout
+    got = pd.read_csv(work / "gz1_five.csv").sort_values("objid").reset_index(drop=True)
+    # the installed copy of the model was used, not the checkout's
+    from astropy.table import Table
+
+    model_dir = Path(Table.read(work / "gz1_five.ecsv", format="ascii.ecsv").meta["model_dir"]).resolve()
+    assert model_dir.is_relative_to(Path(venv["root"]).resolve()) and not model_dir.is_relative_to(REPO)
+    # the same classes and probabilities as the checkout's predict on the same files
+    want = predict_input(SHIPPED_MODELS / "gz1", images, work / "checkout_five.csv", show_progress=False)
+    want = want.sort_values("objid").reset_index(drop=True)
+    assert got["objid"].tolist() == [int(o) for o in want["objid"]] == sorted(rows["objid"])
+    assert got["pred"].tolist() == want["pred"].tolist()
+    for col in [c for c in want.columns if c.startswith("p_")]:
+        np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=2e-5, atol=1e-6)
