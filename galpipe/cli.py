@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reframe", choices=["auto", "always", "off"], default="auto",
                     help="bring each galaxy to the size it had in the training stamps, measured on the image "
                          "(90%%-light radius of the central source against the model's framing_measured): auto "
-                         "only when it is over 1.4x too large or too small, always, or off; the factor applied is "
-                         "the output's reframe column (models without a measured framing: never)")
+                         "only when it is 1.6x to 2.5x too large or too small (beyond: a neighbour merged with "
+                         "it, left alone), always, or off; the factor applied is the output's reframe column "
+                         "(models without a measured framing: never)")
     sp.add_argument("--config", default=None, metavar="YAML",
                     help="config whose source fetches the cutouts of a catalogue INPUT (needed for one); with "
                          "--coords, its sdss: section names the SkyServer and data release (default: none, i.e. "

@@ -219,19 +219,24 @@ def load_input(path: PathLike, meta: Mapping[str, Any], crop_fraction: float | N
 
 #: ``--reframe`` choices (:func:`galpipe.framing.reframe_fraction`).
 REFRAME_MODES = ("auto", "always", "off")
+#: Reframing measures the reframed stamp again up to this many times (a galaxy too large for
+#: the first view was measured cut off) and stops once it is within :data:`REFRAME_CONVERGED`.
+REFRAME_ITERATIONS = 3
+REFRAME_CONVERGED = 1.1
 
 
 def reframe_input(path: PathLike, meta: Mapping[str, Any], crop: float, ext: ExternalImage,
                   mode: str = "auto") -> tuple[ExternalImage, float]:
     """Reframe one image so that its galaxy fills the model's stamps as in training.
 
-    The galaxy's ``r90`` (:func:`galpipe.framing.extent`) is measured on the whole image,
-    resized so that the model's usual crop is ``H`` pixels across; when it differs from the
-    model's measured convention (``model.json`` ``framing_measured``; for ``auto`` by more
-    than :data:`galpipe.framing.AUTO_TOLERANCE`), the crop is widened or narrowed by the
-    ratio, the image resampled (tent filter) to ``H x H`` and any area beyond the image
-    filled with its border's sky level.  Models without a measured convention, and
-    ``mode="off"``, keep ``ext`` as it is.
+    The galaxy's ``r90`` (:func:`galpipe.framing.extent`) is measured on the stamp the model
+    would see (``ext``: the usual crop at ``H x H``), as the convention was measured on the
+    training stamps; when it differs from the model's measured convention (``model.json``
+    ``framing_measured``; for ``auto`` by more than :data:`galpipe.framing.AUTO_TOLERANCE`),
+    the crop is widened or narrowed by the ratio, the whole image resampled (tent filter)
+    to ``H x H`` and any area beyond the image filled with its border's sky level; the result
+    is measured again (:data:`REFRAME_ITERATIONS`).  Models without a measured convention,
+    and ``mode="off"``, keep ``ext`` as it is.
 
     Returns
     -------
@@ -246,16 +251,22 @@ def reframe_input(path: PathLike, meta: Mapping[str, Any], crop: float, ext: Ext
     if mode == "off" or not conv or not conv.get("r90_fraction"):
         return ext, 1.0
     h = int(meta["image_shape"][0])
+    view = np.moveaxis(np.asarray(ext.data, np.float32), 0, -1)  # (H, H, C): what the model sees
+    factor = reframe_fraction(extent(view), h, conv, mode)
+    if factor == 1.0:
+        return ext, 1.0
     side = max(h, round(h / crop))  # the whole image, at the model's pixel scale
     src = source_class((meta.get("preprocess") or {}).get("source", "images"))
     full = src.load_external(path, size=side, crop_fraction=1.0)
     pixels = np.moveaxis(np.asarray(full.data, np.float32), 0, -1)  # (side, side, C)
-    factor = reframe_fraction(extent(pixels), crop * side, conv, mode)
-    if factor == 1.0:
-        return ext, 1.0
-    new_crop = float(np.clip(crop * factor, *CROP_LIMITS))
-    zoom = h / (new_crop * side)  # output pixels per input pixel
-    out = resample(pixels[None], np.array([zoom]), np.zeros(1), out_size=h)[0]
+    for _ in range(REFRAME_ITERATIONS):  # a galaxy cut by the first view is measured again, whole
+        new_crop = float(np.clip(crop * factor, *CROP_LIMITS))
+        zoom = h / (new_crop * side)  # output pixels per input pixel
+        out = resample(pixels[None], np.array([zoom]), np.zeros(1), out_size=h)[0]
+        again = reframe_fraction(extent(out), h, conv, "always")
+        if abs(math.log(again)) < math.log(REFRAME_CONVERGED):
+            break
+        factor *= again
     data = np.moveaxis(out, -1, 0)
     if ext.bunit == "DN":
         data = np.clip(np.rint(data), 0, 255).astype(np.uint8)

@@ -53,6 +53,8 @@ def test_convention_and_reframe_factor():
     assert reframe_fraction(r * 1.2, 64, conv, "always") == pytest.approx(1.2)
     assert reframe_fraction(r * 1.2, 64, conv, "auto") == 1.0 and 1.2 < AUTO_TOLERANCE
     assert reframe_fraction(r * 2, 64, conv, "off") == 1.0
+    assert reframe_fraction(r * 3, 64, conv, "auto") == 1.0  # beyond AUTO_LIMIT: a merged neighbour, not the image
+    assert reframe_fraction(r * 3, 64, conv, "always") == pytest.approx(3.0)
     assert reframe_fraction(None, 64, conv, "always") == 1.0
     assert reframe_fraction(r * 2, 64, {"r90_fraction": None}, "always") == 1.0
     with pytest.raises(ValueError, match="reframe mode"):
