@@ -12,6 +12,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Reinstalls whenever pyproject.toml changes, so an old .venv picks up raised floors such as
+# snakemake>=9.20 (older releases oversubscribe --cores: snakemake/snakemake#3913, see README).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,slurm]'
 	@# what the resolver picked (a fresh install may differ from an old .venv)
