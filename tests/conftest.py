@@ -51,3 +51,38 @@ def _rate_budget_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GALPIPE_RATE_DIR", str(tmp_path_factory.mktemp("rate")))
         yield
+
+
+#: The full-size stand-in sky of the SDSS frame tests (test_sdss_cutouts, test_sdss_pipeline):
+#: 160 objects on two fields (camera columns 1 and 2: an axis-aligned and a rotated frame), real
+#: 1489 x 2048 frames.  One set of arguments, so they share one sky.
+FULL_FRAME_SKY: dict[str, Any] = {"n_galaxies": 160, "seed": 3, "frame_shape": (1489, 2048),
+                                  "galaxies_per_field": 80}
+#: The bands its frames are served in (config/sdss.yaml's bands).
+FULL_FRAME_BANDS = ("g", "r", "i")
+
+
+@pytest.fixture(scope="session")
+def full_frame_sky() -> dict[str, Any]:
+    """Arguments of :class:`~galpipe.testing.fakeserver.FakeSkyServer` for :data:`FULL_FRAME_SKY`.
+
+    Its six g, r, i frames (about 2 s each) are rendered here, two at a time (bz2 compression,
+    most of a render, releases the GIL), before any test sends a request: every server made with
+    these arguments later in the session serves them from the process-wide ``FRAME_STORE``
+    (keyed by the sky's content), and no request waits for a render (a busy machine's render
+    may outlast a client's timeout).
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``FakeSkyServer`` (a fresh copy).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from galpipe.testing.fakeserver import FakeSkyServer
+
+    sky = FakeSkyServer(**FULL_FRAME_SKY)  # not started: only its sky and frames are used
+    frames = [(*field, band) for field in sky.fields for band in FULL_FRAME_BANDS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda key: sky.frame_bytes(*key), frames))
+    return dict(FULL_FRAME_SKY)

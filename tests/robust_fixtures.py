@@ -1,7 +1,7 @@
 """Shared helpers of the robustness tests: a tiny workflow, a killable Snakemake runner, digests.
 
 ``reference_run`` runs the tiny simulated workflow once per test session (cached
-here, so ``test_kill`` and ``test_determinism`` share it).  :func:`run_workflow`
+here, so ``test_kill``, ``test_determinism`` and ``test_workflow`` share it).  :func:`run_workflow`
 starts Snakemake in its own process group, timestamps every output line and
 follows which rules are running, so a test can ``SIGKILL`` the whole group at a
 chosen point inside a stage and know where the kill landed.
@@ -31,22 +31,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 
-#: The tiny simulated workflow: 90 galaxies, 32x32, 2 shards, 2 epochs, a tiny CNN and the
-#: catalogue-feature baseline (both train with checkpoints, so kills inside train test resume).
-ROBUST_TINY = {
-    "source": "simulated",
-    "seed": 11,
-    "cutout_size": 32,
-    "shards": 2,
-    "simulated": {"n_galaxies": 90},
-    "split": {"row_group_size": 16},
-    "training": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
-    "experiments": {
-        "tiny_cnn": {"architecture": [{"type": "conv2d", "filters": 4}, "relu", "maxpool2d", "global_avg_pool"]},
-        "baseline": {"architecture": "features_mlp", "inputs": "features", "training": {"augment": False}},
-    },
-    "evaluate": {"n_bootstrap": 20, "gallery_size": 4},
-}
+#: The `.test/` config (snakemake-workflows convention), the smallest complete run: 90 simulated
+#: galaxies, 32x32, 2 shards, 2 epochs, a tiny CNN and the catalogue-feature baseline (both train
+#: with checkpoints, so kills inside train test resume).  The robustness tests and
+#: tests/test_workflow.py use this one config, so they share one uninterrupted run
+#: (:func:`reference_run`).
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
+ROBUST_TINY: dict = yaml.safe_load(TEST_CONFIG.read_text(encoding="utf-8"))
 
 #: The stages a kill may land in, in workflow order.
 STAGES = ("catalogue", "cutouts", "normalise", "split", "train", "evaluate")
@@ -300,7 +291,11 @@ _REFERENCE: dict[str, tuple[Path, Run]] = {}
 
 
 def reference_run(factory: pytest.TempPathFactory) -> tuple[Path, Run]:
-    """The uninterrupted tiny run (made once per test session)."""
+    """The uninterrupted run of :data:`ROBUST_TINY`, made once per test session.
+
+    Shared by test_kill, test_determinism and test_workflow: a test may dry-run other configs
+    in its folder (restoring ``config/config.yaml`` afterwards) but must not change its outputs.
+    """
     if "ref" not in _REFERENCE:
         wd = factory.mktemp("reference")
         write_config(wd, ROBUST_TINY)

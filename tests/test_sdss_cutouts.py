@@ -32,26 +32,40 @@ BANDS = ["g", "r", "i"]
 SIZE = 24
 
 
+#: Objects per field that the stamp tests cut (of the sky's 80).
+PER_FIELD = 8
+
+
 @pytest.fixture(scope="module")
-def srv() -> FakeSkyServer:
-    # full-size SDSS frames (1489 x 2048, transposed WCS, 4 HDUs) on two fields: few fields, real frames
-    with FakeSkyServer(n_galaxies=16, seed=7, galaxies_per_field=8) as server:
-        server.warm(BANDS)  # rendered before any request: a busy machine's render may outlast a client timeout
+def srv(full_frame_sky: dict[str, Any]) -> FakeSkyServer:
+    # full-size SDSS frames (1489 x 2048, transposed WCS, 4 HDUs) on two fields: few fields, real
+    # frames; the session's shared sky (tests/conftest.py), its frames rendered before any request
+    with FakeSkyServer(**full_frame_sky) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def catalogue(srv: FakeSkyServer) -> pd.DataFrame:
-    # every object of the fake sky (stars and QSOs included), as the catalogue stage gives it
+    """The first :data:`PER_FIELD` objects (by objid) of each field whose stamps lie inside the frames.
+
+    Every object of the fake sky (stars and QSOs included) as the catalogue stage gives it, then
+    those whose r-frame position is at least a stamp from every edge (the edge tests move some
+    to the edges themselves).
+    """
     params = srv.params(labels={"scheme": "spec_class", "classes": ["galaxy", "star", "qso"]},
-                        selection={"n_per_class": 100})
+                        selection={"n_per_class": len(srv.table)})
     cats = []
     for cls in ("galaxy", "star", "qso"):
         if (srv.table["class"] == cls.upper()).any():
             params["labels"]["classes"] = [cls]
             cats.append(query_catalogue(params, seed=0, bands=BANDS)[0])
-    cat = pd.concat(cats, ignore_index=True)
-    assert len(cat) == 16
+    cat = pd.concat(cats, ignore_index=True).sort_values("objid", ignore_index=True)
+    assert len(cat) == len(srv.table)
+    xy = srv.table.set_index("objid").loc[cat["objid"], ["x_pix", "y_pix"]].to_numpy()
+    ny, nx = srv.frame_shape
+    inside = (xy >= SIZE).all(axis=1) & (xy[:, 0] <= nx - 1 - SIZE) & (xy[:, 1] <= ny - 1 - SIZE)
+    cat = cat[inside].groupby(FIELD, sort=False).head(PER_FIELD).reset_index(drop=True)
+    assert len(cat) == 2 * PER_FIELD and set(cat["label"]) >= {"galaxy", "star"}
     return cat
 
 

@@ -3,7 +3,9 @@
 The only change to the shipped config is the address of the services (the two URLs);
 the stand-in serves the SkyServer SQL endpoint, full-size SDSS frames and ImgCutout JPEGs.
 Its 160 objects on two fields give 51 labelled galaxies after the selection cuts, 7 of them
-(2 elliptical, 5 spiral) in the test split: enough to check that both models learned.
+(2 elliptical, 5 spiral) in the test split: enough to check that both models learned.  The sky
+is the session's full-frame sky (tests/conftest.py, shared with test_sdss_cutouts), its frames
+rendered before Snakemake starts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_sdss_config_runs_end_to_end_against_stand_in(tmp_path: Path) -> None:
-    with FakeSkyServer(n_galaxies=160, seed=3, frame_shape=(1489, 2048), galaxies_per_field=80) as srv:
+def test_sdss_config_runs_end_to_end_against_stand_in(tmp_path: Path, full_frame_sky: dict[str, Any]) -> None:
+    with FakeSkyServer(**full_frame_sky) as srv:
+        assert srv.frame_shape == (1489, 2048) and len(srv.table) == 160 and len(srv.fields) == 2
         override = json.dumps({"skyserver_url": srv.skyserver_url, "sas_url": srv.sas_url})
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path),
                "--cores", "2", "--configfile", str(REPO / "config" / "sdss.yaml"), "--config", f"sdss={override}"]

@@ -1,15 +1,17 @@
 """The whole Snakemake workflow on a tiny simulated configuration.
 
 Runs catalogue -> cutouts -> normalise -> split -> train -> evaluate ->
-leaderboard in a temporary directory, then checks reruns: nothing to do when
-nothing changed, only train/evaluate after a training change, from normalise on
-after a normalisation change; and that a malformed config fails before any job.
+leaderboard on the `.test/` config (the session's uninterrupted reference run,
+shared with test_kill and test_determinism: ``robust_fixtures.reference_run``),
+then checks reruns: nothing to do when nothing changed, only train/evaluate after
+a training change, from normalise on after a normalisation change (dry runs of a
+changed config, the reference's own config restored afterwards); and that a
+malformed config fails before any job.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,17 +20,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from robust_fixtures import ROBUST_TINY, TEST_CONFIG, reference_run, workflow_env, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 #: The `.test/` config (snakemake-workflows convention): the smallest complete run.
-TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
-TINY = yaml.safe_load(TEST_CONFIG.read_text())
+TINY = ROBUST_TINY
 
 
 def smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = workflow_env()  # the reference run's environment (thread counts, PYTHONHASHSEED=0)
     cmd = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), "--cores", "2",
            "--configfile", str(workdir / "config" / "config.yaml"), *args]
     res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
@@ -37,13 +39,9 @@ def smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return res
 
 
-def write_config(workdir: Path, cfg: dict) -> None:
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-
-
 def planned_jobs(workdir: Path) -> dict[str, int]:
-    out = smk(workdir, "-n", "--quiet", "rules").stdout + smk(workdir, "-n").stdout
+    """Jobs per rule that a dry run of ``workdir``'s config would execute (its "Job stats")."""
+    out = smk(workdir, "-n").stdout
     stats: dict[str, int] = {}
     block = out.split("Job stats:")[-1] if "Job stats:" in out else ""
     for line in block.splitlines():
@@ -55,9 +53,10 @@ def planned_jobs(workdir: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    wd = tmp_path_factory.mktemp("wf")
-    write_config(wd, TINY)
-    smk(wd)
+    """The session's uninterrupted run of the `.test/` config (outputs must stay untouched)."""
+    wd, _ = reference_run(tmp_path_factory)
+    ran = yaml.safe_load((wd / "config" / "config.yaml").read_text(encoding="utf-8"))
+    assert ran == yaml.safe_load(TEST_CONFIG.read_text(encoding="utf-8")), "the shared run is not .test's config"
     return wd
 
 
