@@ -371,7 +371,9 @@ def _link_inputs(rows: pd.DataFrame, images_dir: Path, folder: Path) -> None:
 
 
 def predict_figures(model: PathLike, test_split_csv: PathLike, images_dir: PathLike) -> dict[str, Any]:
-    """Balanced accuracy of ``galpipe predict --model MODEL`` on the test galaxies, plain and TTA.
+    """Balanced accuracy of ``galpipe predict --model MODEL`` on the test galaxies, plain and TTA,
+    with ``--reframe off`` (the images as the pipeline's evaluate stage sees them) and with
+    ``--reframe auto`` (predict's default).
 
     The images named in ``test_split_csv`` (``objid``, ``image``, ``label``) are put in a
     temporary folder as ``<objid>.<ext>`` and classified by
@@ -392,9 +394,10 @@ def predict_figures(model: PathLike, test_split_csv: PathLike, images_dir: PathL
     -------
     dict
         ``n`` (rows), ``n_predicted`` (images predict could read), ``balanced_accuracy``,
-        ``balanced_accuracy_tta``, ``accuracy``, ``accuracy_tta`` (over the predicted rows)
-        and ``pred``/``pred_tta``: the predicted class per row, in ``test_split_csv`` order
-        (None where an image could not be read).
+        ``balanced_accuracy_tta``, ``accuracy``, ``accuracy_tta`` (over the predicted rows,
+        ``--reframe off``), the same with the suffix ``_reframe_auto`` and ``n_reframed``,
+        and ``pred``/``pred_tta``: the predicted class per row (``--reframe off``), in
+        ``test_split_csv`` order (None where an image could not be read).
     """
     from galpipe.metrics import classification_metrics
     from galpipe.nn.persist import read_model_info
@@ -410,9 +413,13 @@ def predict_figures(model: PathLike, test_split_csv: PathLike, images_dir: PathL
     with tempfile.TemporaryDirectory(prefix="galpipe-card-") as tmp:
         inputs = Path(tmp) / "test_images"
         _link_inputs(rows, Path(images_dir), inputs)
-        for tta, suffix in ((False, ""), (True, "_tta")):
+        runs = [(tta, reframe, ("_tta" if tta else "") + ("" if reframe == "off" else "_reframe_auto"))
+                for reframe in ("off", "auto") for tta in (False, True)]
+        for tta, reframe, suffix in runs:
             df = predict_input(model_dir, inputs, Path(tmp) / f"predictions{suffix}.csv", tta=tta,
-                               show_progress=False)
+                               show_progress=False, reframe=reframe)
+            if reframe == "auto" and "reframe" in df:
+                out["n_reframed"] = int((df["reframe"] != 1.0).sum())
             pred = dict(zip(df["objid"].astype("int64"), df["pred"], strict=True))
             got = [pred.get(int(o)) for o in rows["objid"]]
             keep = [i for i, g in enumerate(got) if g is not None]
@@ -640,8 +647,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
           f"{_ci(tta['per_class_recall'][c]) if tta else 'n/a'} |\n")
     w("\n## What `galpipe predict` gets\n\n")
     w(f"`galpipe predict --model {name}` on the {pr['n']} images of `test_split.csv` "
-      f"({pr['n_predicted']} readable): balanced accuracy {_fmt(pr['balanced_accuracy'], 4)} plain, "
-      f"{_fmt(pr['balanced_accuracy_tta'], 4)} with `--tta`.")
+      f"({pr['n_predicted']} readable), with `--reframe off` (the images as the evaluate stage sees them): "
+      f"balanced accuracy {_fmt(pr['balanced_accuracy'], 4)} plain, {_fmt(pr['balanced_accuracy_tta'], 4)} with "
+      f"`--tta`; with the default `--reframe auto` ({pr.get('n_reframed', 'n/a')} galaxies reframed): "
+      f"{_fmt(pr.get('balanced_accuracy_reframe_auto'), 4)} plain, "
+      f"{_fmt(pr.get('balanced_accuracy_tta_reframe_auto'), 4)} with `--tta`.")
     agree = pr.get("agreement_with_evaluate") or {}
     if agree:
         w(f" It gives the evaluate stage's class for {agree.get('same_class', 'n/a')} of {agree['n']} galaxies "
@@ -818,7 +828,8 @@ def check_shipped(model: PathLike, images_dir: PathLike) -> dict[str, tuple[floa
     card = _read_json(folder / "card.json")
     got = predict_figures(folder, folder / "test_split.csv", images_dir)
     return {k: (float(card["predict"][k]), float(got[k]))
-            for k in ("balanced_accuracy", "balanced_accuracy_tta", "n_predicted")}
+            for k in ("balanced_accuracy", "balanced_accuracy_tta", "balanced_accuracy_reframe_auto",
+                      "balanced_accuracy_tta_reframe_auto", "n_predicted")}
 
 
 # --------------------------------------------------------------------------- command line
