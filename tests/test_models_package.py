@@ -321,7 +321,8 @@ def test_predict_evaluate_summary_take_a_shipped_name(shipped_here: Path, runs: 
 
 def test_check_shipped_recomputes_the_cards_predict_figures(shipped_here: Path, runs: SimpleNamespace) -> None:
     got = check_shipped("tiny", runs.images)
-    assert set(got) == {"balanced_accuracy", "balanced_accuracy_tta", "n_predicted"}
+    assert set(got) == {"balanced_accuracy", "balanced_accuracy_tta", "balanced_accuracy_reframe_auto",
+                        "balanced_accuracy_tta_reframe_auto", "n_predicted"}
     for card_value, now in got.values():
         assert abs(card_value - now) <= 1e-9
 
