@@ -353,3 +353,25 @@ def test_shipped_gz1_predict_gives_the_cards_balanced_accuracy() -> None:
     assert "gz1" in available_models()
     for figure, (card_value, now) in check_shipped(SHIPPED_GZ1, GZ1_DIR).items():
         assert abs(card_value - now) <= 1e-9, f"{figure}: card.json {card_value}, predict now {now}"
+
+
+def test_seed_experiments_of_one_results_folder_are_candidates_too(runs: SimpleNamespace, tmp_path: Path) -> None:
+    """Seeds as experiments of one config (``experiments.<name>.seed``, one split): every
+    experiment in the folder is a candidate, chosen on validation as runs are."""
+    one = tmp_path / "one"
+    shutil.copytree(runs.roots[1], one)  # seed 2 (validation 0.83) as EXP, with its split
+    other = f"{EXP}_seed1"  # seed 1's model and evaluation (validation 0.61) beside it
+    for name in ("model", "metrics"):
+        shutil.copytree(run_file(runs.roots[0], name, EXP).parent, run_file(one, name, other).parent)
+    metrics = run_file(one, "metrics", other)
+    metrics.write_text(metrics.read_text().replace(f'"experiment": "{EXP}"', f'"experiment": "{other}"'))
+    raw = yaml.safe_load(runs.config.read_text())
+    raw["experiments"][other] = {**raw["experiments"][EXP], "seed": 1}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    card = package_model(name="tiny", config=config, experiment=[other, EXP], runs=[str(one)], dest=tmp_path / "tiny")
+    assert card["chosen"]["experiment"] == EXP and card["chosen"]["seed"] == 2  # validation 0.83 > 0.61
+    assert [(r["experiment"], r["seed"]) for r in card["seeds"]["runs"]] == [(other, 1), (EXP, 2)]
+    assert card["reproduce"][0].endswith(f"evaluation/{other}/metrics.json results/tiny/evaluation/{EXP}/metrics.json")
+    assert f"--experiment {other} --experiment {EXP} --run {one}" in card["reproduce"][-1]
+    assert (tmp_path / "tiny" / "weights.npz").read_bytes() == run_file(runs.roots[1], "weights", EXP).read_bytes()
