@@ -556,7 +556,7 @@ def build_card(*, name: str, config: PathLike, experiment: str, runs: Sequence[R
         "format": CARD_FORMAT, "format_version": CARD_FORMAT_VERSION, "name": name,
         "created": created or datetime.now(UTC).replace(microsecond=0).isoformat(),
         "experiment": experiment, "description": meta.get("description", ""), "classes": classes,
-        "usage": f"galpipe predict --model {name} IMAGES --tta --output predictions.csv",
+        "usage": f"galpipe predict --model {name} IMAGES --output predictions.csv",
         "code": code_version(),
         "config": {"path": str(config), "sha256": file_sha256(config)},
         "data": dict(data) if data else None,
