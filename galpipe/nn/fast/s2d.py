@@ -41,6 +41,7 @@ partial weight gradients are summed over them in a fixed order).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -102,31 +103,33 @@ def fold_kernel_gradient(gwb: np.ndarray, c: int) -> np.ndarray:
     return gw
 
 
-def space_to_depth(x: np.ndarray, xq: np.ndarray) -> None:
-    """Write the padded ``x`` ``(m, H, W, C)`` (H, W even) into ``xq``
-    ``(C, 2, 2, >=m, H/2+1, W/2+1)``: ``xq[c, a, b, n, Y, X] = xpad[n, 2Y+a, 2X+b, c]``
-    with ``xpad`` padded by one pixel.  The zero border of ``xq`` is never written."""
+def _phases(x: np.ndarray) -> Iterator[tuple[int, int, slice, slice, np.ndarray]]:
+    """The four 2x2 phases ``(a, b)`` of ``x`` ``(m, H, W, C)`` with the ``(Y, X)`` slices they
+    occupy in the one-pixel-padded half-size planes, and ``x`` viewed ``(m, H/2, 2, W/2, 2, C)``."""
     m, h, w, c = x.shape
     h2, w2 = h // 2, w // 2
     x6 = x.reshape(m, h2, 2, w2, 2, c)
     for a in range(2):
-        ys = slice(1, h2 + 1) if a == 0 else slice(0, h2)
         for b in range(2):
-            xs = slice(1, w2 + 1) if b == 0 else slice(0, w2)
-            xq[:, a, b, :m, ys, xs] = x6[:, :, 1 - a, :, 1 - b, :].transpose(3, 0, 1, 2)
+            yield (a, b, slice(1, h2 + 1) if a == 0 else slice(0, h2),
+                   slice(1, w2 + 1) if b == 0 else slice(0, w2), x6)
+
+
+def space_to_depth(x: np.ndarray, xq: np.ndarray) -> None:
+    """Write the padded ``x`` ``(m, H, W, C)`` (H, W even) into ``xq``
+    ``(C, 2, 2, >=m, H/2+1, W/2+1)``: ``xq[c, a, b, n, Y, X] = xpad[n, 2Y+a, 2X+b, c]``
+    with ``xpad`` padded by one pixel.  The zero border of ``xq`` is never written."""
+    m = x.shape[0]
+    for a, b, ys, xs, x6 in _phases(x):
+        xq[:, a, b, :m, ys, xs] = x6[:, :, 1 - a, :, 1 - b, :].transpose(3, 0, 1, 2)
 
 
 def depth_to_space(xq: np.ndarray, x: np.ndarray) -> None:
     """Inverse of :func:`space_to_depth` (the border is dropped): fill ``x``
     ``(m, H, W, C)`` from ``xq`` ``(C, 2, 2, >=m, H/2+1, W/2+1)``."""
-    m, h, w, c = x.shape
-    h2, w2 = h // 2, w // 2
-    x6 = x.reshape(m, h2, 2, w2, 2, c)
-    for a in range(2):
-        ys = slice(1, h2 + 1) if a == 0 else slice(0, h2)
-        for b in range(2):
-            xs = slice(1, w2 + 1) if b == 0 else slice(0, w2)
-            x6[:, :, 1 - a, :, 1 - b, :] = xq[:, a, b, :m, ys, xs].transpose(1, 2, 3, 0)
+    m = x.shape[0]
+    for a, b, ys, xs, x6 in _phases(x):
+        x6[:, :, 1 - a, :, 1 - b, :] = xq[:, a, b, :m, ys, xs].transpose(1, 2, 3, 0)
 
 
 def window_patches(xq: np.ndarray, pt: np.ndarray, m: int) -> None:
