@@ -17,7 +17,8 @@ Modules:
   ``relu`` / ``relu`` + 2x2 ``maxpool2d``;
 * :mod:`~galpipe.nn.fast.winograd` -- Winograd F(2x2, 3x3) for 3x3 stride-1 'same'
   convolutions with at least 16 input channels (same fusions), chosen by
-  ``ConvStep.fuse``;
+  ``ConvStep.fuse``; its inference forward runs :mod:`~galpipe.nn.fast.winograd4`
+  (F(4x4, 3x3), 4x fewer multiplies than direct) on layers whose size is a multiple of 4;
 * :mod:`~galpipe.nn.fast.s2d` -- few-channel 3x3 convolutions (the first layer on RGB
   input) fused with ``relu`` + 2x2 ``maxpool2d``: one GEMM per pooling window over
   space-to-depth patches;

@@ -49,7 +49,7 @@ import numpy as np
 from galpipe.errors import ModelError
 from galpipe.nn.conv import Conv2D
 from galpipe.nn.fast.conv import checked_input
-from galpipe.nn.fast.threads import BufferCache, chunk_bounds, parallel_chunks, sum_arrays
+from galpipe.nn.fast.threads import BufferCache, batch_pieces, parallel_chunks, sum_arrays
 
 #: Images per piece (the last pieces may hold one fewer); chosen by measurement on the
 #: 3->16 @ 64x64 layer (4 beat 2 and 8).
@@ -195,10 +195,7 @@ class SpaceToDepthStep:
 
     def _pieces(self, n: int) -> list[tuple[int, int]]:
         """Sample ranges of about :data:`PIECE_IMAGES` images (an even count when > 1)."""
-        count = -(-n // max(1, min(PIECE_IMAGES, n)))
-        if count > 1 and count % 2:
-            count = min(count + 1, n)
-        return chunk_bounds(n, count)
+        return batch_pieces(n, PIECE_IMAGES)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """``maxpool2x2(relu(conv(x)))`` for ``x`` ``(N, H, W, C)``: ``(N, H/2, W/2, F)``."""

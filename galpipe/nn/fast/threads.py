@@ -204,6 +204,17 @@ def parallel_chunks(
             c.set_num_threads(p)
 
 
+def batch_pieces(n: int, images: int) -> list[tuple[int, int]]:
+    """Split a batch of ``n`` samples into pieces of about ``images`` samples each (at least
+    one), with an even number of pieces when there is more than one (so that two workers get
+    equal shares); the last pieces may hold one fewer.  Depends on ``n`` and ``images`` only,
+    never on the number of workers."""
+    count = -(-n // max(1, min(images, n)))
+    if count > 1 and count % 2:
+        count = min(count + 1, n)
+    return chunk_bounds(n, count)
+
+
 def plan_chunks(
     n: int, *, min_chunk: int = 1, workers: int | None = None
 ) -> list[tuple[int, int]]:

@@ -11,6 +11,10 @@ for the 4x4 input tile ``d`` around it, where the element-wise product over the 
 ``M_p = V_p @ U_p`` (``V_p`` ``(tiles, C)``, ``U_p`` ``(C, F)``): 16 * C * F multiplies
 per tile instead of 36 * C * F (2.25x fewer).
 
+Inference forwards (``training=False``) of layers whose height and width are multiples of
+4 run F(4x4, 3x3) instead (:mod:`galpipe.nn.fast.winograd4`; :data:`USE_F4_INFERENCE`);
+training forwards and both gradients are always F(2x2).
+
 Backward pass (transposition principle, one transformed output gradient for both):
 
 * the output gradient ``e`` of a tile (2x2) is transformed once, ``E = A e A^T`` (4x4);
@@ -42,6 +46,7 @@ Implementation notes (NumPy only):
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -49,7 +54,8 @@ import numpy as np
 from galpipe.errors import ModelError
 from galpipe.nn.conv import Conv2D
 from galpipe.nn.fast.conv import _pool_blocks_relu, _unpool_blocks_relu, checked_input
-from galpipe.nn.fast.threads import BufferCache, chunk_bounds, parallel_chunks, sum_arrays
+from galpipe.nn.fast.threads import BufferCache, batch_pieces, parallel_chunks, sum_arrays
+from galpipe.nn.fast.winograd4 import PARTS, Winograd4Forward, eligible4
 
 #: Target size in bytes of the 16 position products ``M`` of one piece
 #: (``16 * tiles * F * itemsize``): a piece holds that many bytes' worth of images (at
@@ -64,6 +70,19 @@ PIECE_IMAGES: int | None = None
 #: with few channels the 16 GEMMs have a tiny inner dimension and the transforms cost
 #: more than they save (see :func:`eligible`).
 MIN_CHANNELS = 16
+#: Inference forwards (``training=False``) of layers that
+#: :func:`galpipe.nn.fast.winograd4.eligible4` accepts (height and width divisible by 4) run
+#: Winograd F(4x4, 3x3) (:class:`~galpipe.nn.fast.winograd4.Winograd4Forward`: 36 GEMMs of
+#: a quarter of the tiles, 4x fewer multiplies than direct); training and gradients stay
+#: F(2x2).  Set False to run F(2x2) everywhere.  Measured (benchmarks/bench_winograd4.py,
+#: batch 64, fused relu_pool, one process, interleaved, medians of 21-25, three runs on a
+#: shared 2-core machine at load average 1.8-4.5): 16->32 @ 32x32 1.23-1.28x faster at 1
+#: thread, 1.25-1.32x at 2; 32->64 @ 16x16 1.26-1.27x at 1 thread, 1.28-1.30x at 2 (GEMMs
+#: about 0.6x F(2x2)'s, transforms about equal).  Whole reference CNN inference (bench_nn's
+#: network, batch 64): 1.10x at 1 thread, 1.18x at 2 (load average 4).
+#: Float32 error against a float64 direct convolution (max |err| / max |y|): F(4x4) 2e-6 to
+#: 5e-6 against F(2x2) 2e-7 to 3e-7 (RMS 3e-7 to 1.3e-6 against 1e-7 to 2e-7).
+USE_F4_INFERENCE = True
 
 #: ``G`` of F(2x2, 3x3) (kernel transform, 4x3).
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -116,6 +135,10 @@ class WinogradStep:
     float rounding (a different, exact algorithm); the max-pool tie rule is that of
     :class:`~galpipe.nn.fast.conv.ConvStep`.  Results do not depend on the number of
     workers (pieces depend on the batch size only; sums over them in a fixed order).
+    With :data:`USE_F4_INFERENCE` an inference forward of a
+    :func:`~galpipe.nn.fast.winograd4.eligible4` layer runs F(4x4, 3x3)
+    (:class:`~galpipe.nn.fast.winograd4.Winograd4Forward`; float32 error ~10x F(2x2)'s); a
+    backward pass after it recomputes the F(2x2) training forward.
     """
 
     algorithm = "winograd"
@@ -135,6 +158,7 @@ class WinogradStep:
         self._th, self._tw = -(-h // 2), -(-w // 2)
         self._bufs = BufferCache(max_entries=64)
         self._cache: dict[str, Any] = {}
+        self._f4 = Winograd4Forward(conv, post) if eligible4(conv) else None
 
     # -- helpers ---------------------------------------------------------------------------
     def _pieces(self, n: int, itemsize: int) -> list[tuple[int, int]]:
@@ -145,10 +169,7 @@ class WinogradStep:
         if images is None:
             per_image = 16 * self._th * self._tw * self.conv.filters * itemsize
             images = max(1, PIECE_BYTES // per_image)
-        count = -(-n // max(1, min(images, n)))
-        if count > 1 and count % 2:
-            count = min(count + 1, n)
-        return chunk_bounds(n, count)
+        return batch_pieces(n, images)
 
     def _scratch(self, tag: str, k: int, shape: tuple[int, ...], dt: np.dtype,
                  zero: bool = False) -> np.ndarray:
@@ -180,11 +201,23 @@ class WinogradStep:
         np.subtract(r1, r3, out=v[3])
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        """Convolve ``x`` ``(N, H, W, C)`` (then ReLU / pool as fused)."""
+    def forward(self, x: np.ndarray, training: bool = False,
+                timings: dict[str, float] | None = None) -> np.ndarray:
+        """Convolve ``x`` ``(N, H, W, C)`` (then ReLU / pool as fused).
+
+        ``timings``, when given, gets the seconds spent in each part (input transform, GEMMs,
+        output transform, pool / emit: :data:`galpipe.nn.fast.winograd4.PARTS`) added to it,
+        summed over the workers (for benchmarks).
+        """
         conv = self.conv
         x = checked_input(conv, x)
         dt, n = x.dtype, x.shape[0]
+        if not training and USE_F4_INFERENCE and self._f4 is not None:
+            out = self._f4.forward(x, timings)
+            # a backward pass after this recomputes the F(2x2) training forward from x
+            self._cache = {"n": n, "pieces": None, "vall": None, "out": out, "winners": None,
+                           "x": x, "dtype": dt}
+            return out
         h, w, c = conv.input_shape
         f = conv.filters
         th, tw = self._th, self._tw
@@ -199,28 +232,40 @@ class WinogradStep:
                    if pool and training else None)
         vall = self._bufs.get("vall", (16, n * tiles, c), dt) if training else None
 
-        def work(k: int, lo: int, hi: int) -> None:
+        def work(k: int, lo: int, hi: int) -> list[float]:
             xq = self._scratch("xq", k, (ps, 2 * th + 2, 2, tw + 1, c), dt, zero=True)
             t = self._scratch("t", k, (4, ps, 2 * th + 2, tw, c), dt)
             mm = self._scratch("m", k, (16, ps * tiles, f), dt)
             s = self._scratch("s", k, (2, 4, ps * tiles, f), dt)
             yb = self._scratch("y", k, (2, 2, ps * tiles, f), dt)
+            spent = [0.0] * 4
             for a, b in pieces[lo:hi]:
                 p = (b - a) * tiles
+                t0 = perf_counter()
                 if vall is not None:
                     v = vall[:, a * tiles : b * tiles]
                 else:
                     v = self._scratch("v", k, (16, ps * tiles, c), dt)[:, :p]
                 self._input_transform(x[a:b], xq, t, v.reshape(4, 4, b - a, th, tw, c))
+                t1 = perf_counter()
                 mp = mm[:, :p]
                 np.matmul(v, u, out=mp)
                 if bias is not None:
                     mp[5] += bias  # position (1, 1) reaches every pixel of the tile
+                t2 = perf_counter()
                 y = yb[:, :, :p]
                 _output_transform(mp.reshape(4, 4, p, f), s[:, :, :p], y)
+                t3 = perf_counter()
                 self._emit(y, out, a, b, winners)
+                for i, dt_ in enumerate((t1 - t0, t2 - t1, t3 - t2, perf_counter() - t3)):
+                    spent[i] += dt_
+            return spent
 
-        parallel_chunks(work, len(pieces), with_index=True)
+        results = parallel_chunks(work, len(pieces), with_index=True)
+        if timings is not None:
+            for spent in results:
+                for key, value in zip(PARTS, spent, strict=True):
+                    timings[key] = timings.get(key, 0.0) + value
         self._cache = {"n": n, "pieces": pieces, "vall": vall, "out": out, "winners": winners,
                        "x": None if training else x, "dtype": dt}
         return out
