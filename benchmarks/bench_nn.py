@@ -31,7 +31,8 @@ galpipe's own 1 -> n thread scaling (wall clock and CPU time per step).
 It also prints the ratios of ``--runs`` whole measurements (best and median), the
 share of the GEMM peak (a 2048^3 sgemm timed in the same run; galpipe's FLOPs counted
 as direct convolution), and the time of every part of one training step (each
-execution-plan step forward and backward, loss, optimizer) at each thread count.
+execution-plan step forward and backward, loss, optimizer) and of one inference batch
+(each plan step's inference forward) at each thread count.
 
 Usage: ``python benchmarks/bench_nn.py [--reps 7] [--steps 10] [--runs 3]
 [--threads 1,2] [--no-torch] [--profile]``.
@@ -217,9 +218,14 @@ def network_flops(batch: int) -> tuple[float, float]:
     return fwd + bwd, fwd
 
 
+#: Prefix of :func:`time_parts`' keys for the parts of an inference forward.
+INFER = "infer: "
+
+
 def time_parts(x: np.ndarray, y: np.ndarray, reps: int) -> dict[str, float]:
-    """Median ms per training step of every part: each execution-plan step's forward
-    (training mode) and backward, the loss (forward + backward) and the optimizer."""
+    """Median ms of every part: of a training step, each execution-plan step's forward
+    (training mode) and backward, the loss (forward + backward) and the optimizer; of an
+    inference forward (keys starting with :data:`INFER`), each plan step's forward."""
     model = build_model(SPEC, INPUT_SHAPE, seed=0)
     flatten_parameters(model)
     opt = Adam(model.params, lr=1e-3)
@@ -257,6 +263,11 @@ def time_parts(x: np.ndarray, y: np.ndarray, reps: int) -> dict[str, float]:
             t0 = time.perf_counter()
             opt.step(model.grads)
             note("optimizer (Adam)", t0)
+            h = x  # the inference forward, step by step
+            for (step, _), name in zip(plan, names, strict=True):
+                t0 = time.perf_counter()
+                h = step.forward(h, False)
+                note(f"{INFER}{name}", t0)
         if rep == 0:
             samples.clear()  # warm-up
     return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
@@ -484,12 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in threads:
         with threadpool_limits(limits=n):
             parts = time_parts(x, y, max(args.reps, 5))
-        total = sum(parts.values())
-        print()
-        print(f"time per part, {n} thread(s), one training step (median of "
-              f"{max(args.reps, 5)}; sum {total:.1f} ms):")
-        for name, ms in parts.items():
-            print(f"  {name:<44} {ms:>7.2f} ms  {100 * ms / total:>4.1f}%")
+        for what, mine in (("one training step", lambda k: not k.startswith(INFER)),
+                           ("one inference batch", lambda k: k.startswith(INFER))):
+            chosen = {k.removeprefix(INFER): v for k, v in parts.items() if mine(k)}
+            total = sum(chosen.values())
+            print()
+            print(f"time per part, {n} thread(s), {what} (median of "
+                  f"{max(args.reps, 5)}; sum {total:.1f} ms):")
+            for name, ms in chosen.items():
+                print(f"  {name:<44} {ms:>7.2f} ms  {100 * ms / total:>4.1f}%")
     floor_train, floor_infer = gemm_floor_seconds(b, max(args.reps, 5))
     print()
     print(f"GEMM floor (1 thread; the network's matrix products alone, cache-sized np.dot pieces, "
