@@ -248,11 +248,11 @@ class SpaceToDepthStep:
                     np.greater(left, 0, out=alive)
                     np.greater(alive, mk[0], out=mk[1])  # relu passes, left column wins
                     np.logical_and(mk[0], alive, out=mk[0])  # relu passes, right column wins
-                # ReLU fused with the transposing write, one channel at a time (contiguous
-                # reads; measured faster than a ReLU pass plus one transposing copy)
-                o2 = out[a:b].reshape(p, f)
-                for j in range(f):
-                    np.maximum(left[j], 0, out=o2[:, j])
+                # ReLU fused with the transposing write, in one call.  Measured against one call
+                # per channel (contiguous reads; batch 64, 64x64x3 -> 16, one process,
+                # interleaved, median of 30): about equal on 1 thread (-1% to +3%), 10-14% faster
+                # on 2 workers (fewer Python-level calls contending for the GIL)
+                np.maximum(left.T, 0, out=out[a:b].reshape(p, f))
 
         parallel_chunks(work, len(pieces), with_index=True)
         self._cache = {"n": n, "pieces": pieces, "pt_all": pt_all, "masks": masks,
