@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CORES  ?= 2
+# pytest-xdist workers of `make test` (files, not single tests, are spread over them)
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint report clean-results
@@ -29,7 +31,7 @@ report: $(STAMP)
 # CI (.ci/run) is `make test`: lint errors (ruff, snakemake --lint) fail it before pytest runs.
 test: lint
 	bash scripts/test-services.sh
-	PATH="$(CURDIR)/$(BIN):$$PATH" GALPIPE_REQUIRE_SLURM=$${CI:+1} $(BIN)/python -m pytest -q tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" GALPIPE_REQUIRE_SLURM=$${CI:+1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check galpipe tests benchmarks workflow/scripts

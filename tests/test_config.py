@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
-from galpipe.config import deep_merge, fingerprint, load_config, resolve_experiments, validate_config
+from galpipe.config import (
+    deep_merge,
+    fingerprint,
+    load_config,
+    load_schema,
+    resolve_experiments,
+    validate_config,
+)
 from galpipe.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +27,14 @@ def test_default_config_file_is_valid_and_complete() -> None:
     assert cfg["bands"] == ["g", "r", "i"]
     assert cfg["split"]["fractions"] == {"train": 0.7, "validation": 0.15, "test": 0.15}
     assert "small_cnn" in cfg["experiments"]
+
+
+def test_the_merged_schema_is_valid_json_schema() -> None:
+    """load_schema() leaves the metaschema check to this test (it cost every process ~0.3 s)."""
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema == yaml.safe_load(yaml.safe_dump(schema))  # plain YAML types: same under both loaders
+    assert "sdss" in schema["properties"] and schema["properties"]["sdss"]["default"] == {}
 
 
 def test_empty_config_gets_every_default() -> None:

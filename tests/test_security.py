@@ -231,10 +231,24 @@ BANNED = {
     "allow_pickle=True": r"allow_pickle\s*=\s*True",
     "eval(": r"(?<![\w.])eval\(",
     "exec(": r"(?<![\w.])exec\(",
-    "unsafe yaml": r"\byaml\.(?:load|unsafe_load|full_load|load_all)\(",
+    # yaml.load only with an explicit safe loader on the same line
+    "unsafe yaml": r"\byaml\.(?:unsafe_load|full_load|load_all)\(|\byaml\.load\((?![^)]*Loader=yaml\.C?SafeLoader\))",
     "pandas pickle": r"\b(?:read_pickle|to_pickle)\(",
     "torch.load": r"\btorch\.load\(",
 }
+
+
+@pytest.mark.parametrize(("line", "banned"), [
+    ("yaml.load(text)", True),
+    ("yaml.load(text, Loader=yaml.Loader)", True),
+    ("yaml.load(text, Loader=yaml.FullLoader)", True),
+    ("yaml.full_load(text)", True),
+    ("yaml.load(text, Loader=yaml.CSafeLoader)", False),
+    ("yaml.load(text, Loader=yaml.SafeLoader)", False),
+    ("yaml.safe_load(text)", False),
+])
+def test_the_unsafe_yaml_pattern(line: str, banned: bool) -> None:
+    assert bool(re.search(BANNED["unsafe yaml"], line)) is banned
 
 
 def test_no_pickle_eval_or_unsafe_loaders_in_the_package() -> None:

@@ -30,7 +30,7 @@ SLURM_PROFILE = REPO / "profiles" / "slurm"
 #: Partition created by scripts/slurm/start.sh and named in profiles/slurm/config.yaml.
 PARTITION = "galpipe"
 #: Hard limit for one Snakemake run (seconds); the runs below take 20-60 s.
-RUN_LIMIT_S = 180
+RUN_LIMIT_S = 360
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 
 #: Two ``make`` jobs (wildcards) feeding one ``combine`` job; each job records the SLURM
