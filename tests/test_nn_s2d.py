@@ -76,6 +76,15 @@ def test_layout_helpers_match_their_definitions() -> None:
             np.testing.assert_array_equal(
                 wbt[dy, dx_, :, dy : dy + 3, dx_ : dx_ + 3], kernel.transpose(3, 0, 1, 2))
             assert np.sum(np.abs(wbt[dy, dx_])) == pytest.approx(np.sum(np.abs(kernel)))
+    # split_block_kernel keeps exactly the nonzero halves: the upper outputs' rows against
+    # window rows 0-2, the lower outputs' rows against window rows 1-3
+    flat = wbt.reshape(20, 16 * c)
+    upper, lower = s2d.split_block_kernel(flat, c)
+    assert upper.shape == lower.shape == (10, 12 * c)
+    assert upper.flags.c_contiguous and lower.flags.c_contiguous
+    np.testing.assert_array_equal(upper, flat[:10, : 12 * c])
+    np.testing.assert_array_equal(lower, flat[10:, 4 * c :])
+    assert not flat[:10, 12 * c :].any() and not flat[10:, : 4 * c].any()
     gb = rng.standard_normal((20, 16 * c))
     lhs = np.sum(wbt.reshape(20, 16 * c) * gb)
     assert lhs == pytest.approx(np.sum(kernel * s2d.fold_kernel_gradient(gb, c)), rel=1e-12)
