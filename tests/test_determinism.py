@@ -132,3 +132,34 @@ def test_training_is_bit_identical(tmp_path: Path) -> None:
     for name in ("weights.npz", "model.json"):
         assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name), name
     assert _sha(tmp_path / "a" / "weights.npz") != _sha(tmp_path / "c" / "weights.npz"), "the seed must matter"
+
+
+@pytest.mark.parametrize("metric", ["val_loss", "val_balanced_acc"])
+def test_train_info_names_the_epoch_whose_weights_were_kept(tmp_path: Path, metric: str) -> None:
+    """train_info.json's best_epoch is the epoch the early-stopping metric chose (its weights are
+    the ones saved), not the best validation balanced accuracy whatever the metric."""
+    import json
+
+    import pandas as pd
+
+    x, y = synthetic_galaxies(80, size=12, channels=2, seed=4)
+    train = write_split_parquet(tmp_path / "train.parquet", x[:56], y[:56], bands=("g", "r"))
+    val = write_split_parquet(tmp_path / "validation.parquet", x[56:], y[56:], bands=("g", "r"),
+                              objids=np.arange(9000, 9024))
+    cfg = validate_config({
+        "seed": 9, "cutout_size": 12, "bands": ["g", "r"],
+        "training": {"epochs": 6, "batch_size": 8, "early_stopping_patience": 0,
+                     "early_stopping_metric": metric},
+        "experiments": {"cnn": {"architecture": [{"type": "conv2d", "filters": 4}, "relu",
+                                                 "maxpool2d", "flatten"]}},
+    })
+    exp = experiment_params(cfg, resolve_experiments(cfg, [REPO / "config" / "architectures"])["cnn"])
+    info = train_experiment(exp, train, val, tmp_path / "m" / "model.json", name="cnn",
+                            checkpoint_root=tmp_path / "ckpt", progress=False)
+    hist = pd.read_csv(tmp_path / "m" / "history.csv")
+    if metric == "val_loss":
+        want = int(hist["epoch"][hist["val_loss"].idxmin()])
+    else:
+        want = int(hist["epoch"][hist["val_balanced_acc"].idxmax()])
+    assert info["best_epoch"] == want
+    assert json.loads((tmp_path / "m" / "train_info.json").read_text())["best_epoch"] == want

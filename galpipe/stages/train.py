@@ -352,8 +352,8 @@ def run(exp: Mapping[str, Any], train: PathLike, validation: PathLike, model_jso
     save_model(model, out_dir, metadata=metadata)
     history.to_csv(out_dir / "history.csv")
     hist = history.to_dict()
-    val_key = "val_balanced_acc"
-    best_epoch = int(np.nanargmax(hist[val_key])) + 1 if hist.get(val_key) else len(hist.get("epoch", []))
+    # the epoch whose weights were kept: chosen by the early-stopping metric (val_loss by default)
+    best_epoch = int(history.best_epoch) or len(hist.get("epoch", []))
     info = {"experiment": name, "train_seconds": round(seconds, 3), "n_params": int(model.n_params()),
             "epochs_run": len(hist.get("epoch", [])), "best_epoch": best_epoch,
             "input_shape": list(input_shape), "description": exp.get("description", ""),
