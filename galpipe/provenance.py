@@ -174,7 +174,14 @@ def environment() -> dict[str, Any]:
     from galpipe.nn.fast.threads import get_num_workers
 
     keys = ("internal_api", "version", "architecture", "threading_layer", "num_threads")
-    blas = sorted(({k: info.get(k) for k in keys} for info in threadpool_info() if info.get("user_api") == "blas"),
+    loaded = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    # NumPy's own BLAS (a wheel bundles it in numpy.libs): the one galpipe.nn's products use.
+    # Other BLAS copies (SciPy's, loaded on first use) would make the record depend on what the
+    # process happened to import before; only when none is NumPy's are all of them listed.
+    numpy_dir = os.path.dirname(os.path.realpath(np.__file__))
+    prefixes = (numpy_dir + os.sep, numpy_dir + ".libs" + os.sep)
+    own = [info for info in loaded if os.path.realpath(str(info.get("filepath", ""))).startswith(prefixes)]
+    blas = sorted(({k: info.get(k) for k in keys} for info in (own or loaded)),
                   key=lambda b: json.dumps(b, sort_keys=True, default=str))  # load order varies between runs
     return {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
             "blas": blas, "galpipe_workers": get_num_workers(),

@@ -232,3 +232,21 @@ def test_models_and_metrics_record_their_provenance(wd: Path) -> None:
         env = prov["environment"]
         assert env["numpy"] and env["galpipe_workers"] >= 1 and env["blas"][0]["internal_api"]
     assert metrics["provenance"]["model"] == model["provenance"]
+
+
+def test_blas_record_does_not_depend_on_what_was_imported_before() -> None:
+    """The provenance's BLAS entry is NumPy's own library: loading SciPy's copy later in the same
+    process (as the framing measurement does during training) must not change it, or two
+    identical trainings in one process would write different model.json files."""
+    import subprocess
+    import sys
+
+    code = ("from galpipe.provenance import environment\n"
+            "a = environment()['blas']\n"
+            "import scipy.linalg, scipy.ndimage\n"
+            "scipy.linalg.inv([[2.0, 0.0], [0.0, 1.0]])\n"
+            "b = environment()['blas']\n"
+            "assert a == b, (a, b)\n"
+            "assert a and a[0]['internal_api'], a\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -113,11 +113,17 @@ def test_stage_functions_are_deterministic(tmp_path: Path, monkeypatch: pytest.M
     assert _sha(a[0]) != _sha(c[0]), "a different seed must give a different catalogue"
 
 
-def test_training_is_bit_identical(tmp_path: Path) -> None:
+def _tiny_splits(tmp_path: Path) -> tuple[Path, Path]:
+    """Train (56) and validation (24) splits of small synthetic two-band galaxies."""
     x, y = synthetic_galaxies(80, size=12, channels=2, seed=4)
     train = write_split_parquet(tmp_path / "train.parquet", x[:56], y[:56], bands=("g", "r"))
     val = write_split_parquet(tmp_path / "validation.parquet", x[56:], y[56:], bands=("g", "r"),
                               objids=np.arange(9000, 9024))
+    return train, val
+
+
+def test_training_is_bit_identical(tmp_path: Path) -> None:
+    train, val = _tiny_splits(tmp_path)
     cfg = validate_config({
         "seed": 9, "cutout_size": 12, "bands": ["g", "r"],
         "training": {"epochs": 2, "batch_size": 8, "early_stopping_patience": 0},
@@ -142,10 +148,7 @@ def test_train_info_names_the_epoch_whose_weights_were_kept(tmp_path: Path, metr
 
     import pandas as pd
 
-    x, y = synthetic_galaxies(80, size=12, channels=2, seed=4)
-    train = write_split_parquet(tmp_path / "train.parquet", x[:56], y[:56], bands=("g", "r"))
-    val = write_split_parquet(tmp_path / "validation.parquet", x[56:], y[56:], bands=("g", "r"),
-                              objids=np.arange(9000, 9024))
+    train, val = _tiny_splits(tmp_path)
     cfg = validate_config({
         "seed": 9, "cutout_size": 12, "bands": ["g", "r"],
         "training": {"epochs": 6, "batch_size": 8, "early_stopping_patience": 0,
