@@ -33,10 +33,11 @@ Implementation notes (NumPy only):
   ``max(y + b) == max(y) + b``) and the ReLU are contiguous ufuncs; the pooled result is
   written to the channels-last output with one transposing copy.
 * In training, the patches ``P^T`` of the whole batch are kept for the weight gradient
-  (``16*C + 1`` floats per tile; a row of ones gives the bias gradient from the same
-  GEMM), and four boolean masks per pooled output: ReLU passes and the right column
-  wins, ReLU passes and the left column wins, and in each column whether the lower row
-  wins.  The backward pass is then six contiguous ufuncs and one GEMM per piece.
+  (``16*C + 1`` floats per tile; a row of ones gives the lower outputs' bias gradient from
+  their GEMM, the upper outputs' is a sum), and four boolean masks per pooled output: ReLU
+  passes and the right column wins, ReLU passes and the left column wins, and in each column
+  whether the lower row wins.  The backward pass is then six contiguous ufuncs, two GEMMs
+  (the halves of the forward's split) and one sum per piece.
 * Tie rule of the max-pool: that of :class:`~galpipe.nn.fast.conv.ConvStep` (per column
   the upper row wins ties, then the left column).
 * The input gradient (only when asked for: the first layer of a training step needs
