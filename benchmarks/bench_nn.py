@@ -12,7 +12,8 @@ each the median of ``--reps`` repetitions after warm-up.  If ``torch`` is
 importable, the identical network (same weights, checked) runs in PyTorch in the
 same process with ``torch.set_num_threads`` matching, in both channels-last and
 NCHW memory formats; ratios galpipe/PyTorch are reported against the *faster*
-PyTorch variant.
+PyTorch variant.  The libraries alternate in blocks of ``--steps`` calls, each block
+after one untimed call of its own (the previous library's threads may still be spinning).
 
 It also prints a *GEMM floor*: the network's matrix products alone (forward
 patches x kernels, weight and input gradients), each timed as cache-sized
@@ -408,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Implementations are timed in interleaved repetitions (galpipe, torch, galpipe, ...)
     # so that load from other processes affects all of them alike; the whole measurement
-    # is repeated --runs times (best and median of the runs' ratios are reported).
+    # is repeated --runs times (best and median of the runs' ratios are reported).  Each
+    # timed block starts with one untimed call: PyTorch's OpenMP (libgomp) threads keep
+    # spinning on a core for milliseconds after its last call, so the first call of the
+    # next block ran slower (measured, 2 threads: galpipe's first inference call after a
+    # PyTorch block 22.3 ms against 16.2 ms; a block of 10 calls 17.2 against 16.2 ms).
     runs: list[dict[int, dict[str, dict[str, float]]]] = []
     for run in range(args.runs):
         results: dict[int, dict[str, dict[str, float]]] = {}
@@ -434,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                         time_calls(fns[idx], 3)  # warm-up
                     for _ in range(args.reps):
                         for name, fns in impls.items():
+                            fns[idx]()  # untimed: absorbs the previous library's spinning threads
                             wall, cpu = time_calls(fns[idx], args.steps)
                             times[name][mode].append(wall)
                             times[name][f"{mode}_cpu"].append(cpu)
