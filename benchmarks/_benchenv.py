@@ -28,3 +28,33 @@ def environment_note() -> str | None:
     """One line saying which variables were removed, or None when none was set."""
     removed = os.environ.get(_MARK)
     return f"environment: unset {removed} before importing numpy (re-executed)" if removed else None
+
+
+def cpu_note() -> str:
+    """One line naming the CPU (model name, vector extensions, L2 / L3 per instance).
+
+    Ratios against PyTorch move with the CPU: ``bench_nn.py`` measured training on 1 thread
+    at 1.07-1.26x in the sessions of 2026-12-02 (CPU not recorded) and 0.95-1.16x on
+    2026-12-03 on an AMD EPYC with AVX-512 (OpenBLAS's SkylakeX kernel), with the same code.
+    Read every run with this line.
+    """
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    ext = [e for e in ("avx2", "fma", "avx512f", "avx512_bf16") if e in flags]
+    caches = []
+    for level in ("index2", "index3"):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/{level}/size", encoding="utf-8") as fh:
+                caches.append(f"L{level[-1]} {fh.read().strip()}")
+        except OSError:
+            pass
+    return f"cpu: {model}; {' '.join(ext) or 'no AVX2'}; {', '.join(caches) or 'caches unknown'}"

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 
-from _benchenv import environment_note, reexec_without_openblas_overrides
+from _benchenv import cpu_note, environment_note, reexec_without_openblas_overrides
 
 reexec_without_openblas_overrides()
 
@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {platform.python_version()}, numpy {np.__version__}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(cpu_note())
     for info in threadpool_info():
         print(f"threadpool: {info.get('user_api')} {info.get('internal_api')} "
               f"{info.get('version')} ({info.get('architecture', '?')}, "

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 
-from _benchenv import environment_note, reexec_without_openblas_overrides
+from _benchenv import cpu_note, environment_note, reexec_without_openblas_overrides
 
 reexec_without_openblas_overrides()
 
@@ -225,6 +225,7 @@ def main() -> None:
         print(note)
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {load_text()}, "
           f"F(2x2) PIECE_BYTES {wg.PIECE_BYTES >> 10} KiB")
+    print(cpu_note())
     if not args.no_accuracy:
         accuracy(args.images)
     if not args.no_speed:
