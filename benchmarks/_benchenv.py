@@ -57,4 +57,5 @@ def cpu_note() -> str:
                 caches.append(f"L{level[-1]} {fh.read().strip()}")
         except OSError:
             pass
-    return f"cpu: {model}; {' '.join(ext) or 'no AVX2'}; {', '.join(caches) or 'caches unknown'}"
+    vector = " ".join(ext) if ext else ("no AVX2" if flags else "flags unknown")
+    return f"cpu: {model}; {vector}; {', '.join(caches) or 'caches unknown'}"

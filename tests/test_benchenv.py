@@ -37,7 +37,7 @@ def test_cpu_note_without_proc_or_sysfs(benchenv, monkeypatch: pytest.MonkeyPatc
         raise OSError("not here")
 
     monkeypatch.setattr("builtins.open", no_files)
-    assert benchenv.cpu_note() == "cpu: unknown CPU; no AVX2; caches unknown"
+    assert benchenv.cpu_note() == "cpu: unknown CPU; flags unknown; caches unknown"
 
 
 def test_environment_note_reports_what_was_unset(benchenv, monkeypatch: pytest.MonkeyPatch) -> None:
